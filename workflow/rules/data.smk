@@ -1,0 +1,1 @@
+# Demo data, ingest + QC, preprocessing, slice store, splits (owned by the data stage)

@@ -1,0 +1,1 @@
+# Figures registered with report() (placeholder until it lands)
