@@ -1,0 +1,24 @@
+"""Pretraining objectives, one per module: a pure function plus a thin nn.Module each."""
+
+from medclust.losses.agreement3d import Agreement3DLoss, agreement3d_loss
+from medclust.losses.deepcluster import DeepClusterLoss, MemoryBank, deepcluster_loss, spherical_kmeans
+from medclust.losses.masked import MaskedEmbeddingLoss, masked_embedding_loss
+from medclust.losses.sinkhorn import Sinkhorn, is_distributed, sinkhorn
+from medclust.losses.swav import SwAVLoss, swapped_prediction_loss, swav_loss
+
+__all__ = [
+    "Agreement3DLoss",
+    "DeepClusterLoss",
+    "MaskedEmbeddingLoss",
+    "MemoryBank",
+    "Sinkhorn",
+    "SwAVLoss",
+    "agreement3d_loss",
+    "deepcluster_loss",
+    "is_distributed",
+    "masked_embedding_loss",
+    "sinkhorn",
+    "spherical_kmeans",
+    "swapped_prediction_loss",
+    "swav_loss",
+]

@@ -1,0 +1,36 @@
+"""Networks: the 2D slice encoder, slice attention across z, prototypes and the joint model."""
+
+from medclust.models.encoder import SliceEncoder, backbone_channels
+from medclust.models.joint import JointModel, ProjectionHead, masked_mean
+from medclust.models.prototypes import (
+    Prototypes,
+    cancel_prototype_gradients_,
+    iter_prototypes,
+    normalize_prototypes_,
+    set_prototypes_frozen,
+)
+from medclust.models.slice_attention import (
+    DeformableSliceAttention,
+    SliceAttention,
+    SliceAttentionLayer,
+    build_slice_index,
+    z_position_encoding,
+)
+
+__all__ = [
+    "DeformableSliceAttention",
+    "JointModel",
+    "ProjectionHead",
+    "Prototypes",
+    "SliceAttention",
+    "SliceAttentionLayer",
+    "SliceEncoder",
+    "backbone_channels",
+    "build_slice_index",
+    "cancel_prototype_gradients_",
+    "iter_prototypes",
+    "masked_mean",
+    "normalize_prototypes_",
+    "set_prototypes_frozen",
+    "z_position_encoding",
+]

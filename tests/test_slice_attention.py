@@ -1,0 +1,153 @@
+"""SliceAttention: padding invariance, order sensitivity, physical positions, gradients, sizes."""
+
+import pytest
+import torch
+
+from medclust.errors import MedclustError
+from medclust.models import SliceAttention
+from medclust.models.slice_attention import build_slice_index, interpolation_weights
+
+D = 32
+
+
+def _model(**kw) -> SliceAttention:
+    torch.manual_seed(0)
+    m = SliceAttention(D, heads=4, points=3, layers=2, init_span_mm=8.0, **kw)
+    # non-trivial offsets and attention weights (they start input-independent)
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.attn.offset_proj.weight.normal_(std=2.0)
+            layer.attn.weight_proj.weight.normal_(std=0.5)
+    return m.eval()
+
+
+def _volume(s: int, spacing: float = 2.5, b: int = 1, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(b, s, D, generator=g)
+    z = (torch.arange(s, dtype=torch.float32) * spacing - 40.0).repeat(b, 1)
+    valid = torch.ones(b, s, dtype=torch.bool)
+    return tokens, z, valid
+
+
+def test_interpolation_between_valid_neighbours_non_uniform():
+    z = torch.tensor([[0.0, 1.0, 4.0, 99.0, 10.0]])
+    valid = torch.tensor([[True, True, True, False, True]])
+    idx = build_slice_index(z, valid)
+    # centred on the mean of real z (3.75): real z_rel = -3.75, -2.75, 0.25, 6.25; padding ignored
+    pos = torch.tensor([[-3.75, -3.25, 0.25 + 3.0, 6.25, 100.0, -100.0]])
+    lo, hi, w = interpolation_weights(idx, pos)
+    assert lo.tolist() == [[0, 0, 2, 4, 4, 0]]
+    assert hi.tolist()[0][1:4] == [1, 4, 4]
+    torch.testing.assert_close(w[0, 1], torch.tensor(0.5))
+    torch.testing.assert_close(w[0, 2], torch.tensor(0.5))  # 3 mm into the 6 mm gap 4 -> 10
+    torch.testing.assert_close(w[0, 3:], torch.zeros(3))  # at / beyond the ends: clamped
+    assert 3 not in lo.tolist()[0] + hi.tolist()[0]
+
+
+@pytest.mark.parametrize("impl", ["bag", "gather"])
+def test_padding_with_garbage_does_not_change_real_outputs(impl):
+    m = _model(impl=impl)
+    tokens, z, valid = _volume(7)
+    ref = m(tokens, z, valid)
+    pad = 5
+    g_tokens = torch.cat([tokens, 1e3 * torch.randn(1, pad, D)], 1)
+    g_tokens[0, -1] = float("nan")
+    g_z = torch.cat([z, torch.tensor([[-1e4, 3.0, 7.7, float("nan"), 1e6]])], 1)
+    g_valid = torch.cat([valid, torch.zeros(1, pad, dtype=torch.bool)], 1)
+    out = m(g_tokens, g_z, g_valid)
+    torch.testing.assert_close(out[:, :7], ref, atol=1e-5, rtol=0)
+    assert torch.isfinite(out).all()
+    # padding interleaved with real slices too
+    perm = torch.tensor([0, 7, 1, 2, 8, 3, 4, 5, 9, 6, 10, 11])
+    out2 = m(g_tokens[:, perm], g_z[:, perm], g_valid[:, perm])
+    real = g_valid[0, perm]
+    torch.testing.assert_close(out2[0, real], ref[0], atol=1e-5, rtol=0)
+
+
+def test_batch_mixes_spacings_and_lengths_like_separate_calls():
+    m = _model()
+    t1, z1, _ = _volume(9, spacing=1.0, seed=1)
+    t2, z2, _ = _volume(4, spacing=5.0, seed=2)
+    o1 = m(t1, z1, torch.ones(1, 9, dtype=torch.bool))
+    o2 = m(t2, z2, torch.ones(1, 4, dtype=torch.bool))
+    tokens = torch.zeros(2, 9, D)
+    tokens[0], tokens[1, :4] = t1[0], t2[0]
+    z = torch.zeros(2, 9)
+    z[0], z[1, :4] = z1[0], z2[0]
+    valid = torch.zeros(2, 9, dtype=torch.bool)
+    valid[0], valid[1, :4] = True, True
+    out = m(tokens, z, valid)
+    torch.testing.assert_close(out[0], o1[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1, :4], o2[0], atol=1e-5, rtol=0)
+    assert out[1, 4:].abs().sum() == 0
+
+
+def test_positions_are_physical_mm():
+    m = _model()
+    tokens, z, valid = _volume(8, spacing=2.0)
+    ref = m(tokens, z, valid)
+    # translating the volume (different scanner origin) changes nothing
+    torch.testing.assert_close(m(tokens, z + 256.0, valid), ref, atol=1e-5, rtol=0)
+    # same tokens at another spacing is another geometry: outputs differ
+    assert not torch.allclose(m(tokens, z * 2.5, valid), ref, atol=1e-3)
+    # reversed z order with tokens reversed accordingly is the same volume (equivariance)
+    rev = torch.arange(7, -1, -1)
+    torch.testing.assert_close(m(tokens[:, rev], z[:, rev], valid)[:, rev], ref, atol=1e-5, rtol=0)
+
+
+def test_not_permutation_invariant():
+    m = _model()
+    tokens, z, valid = _volume(10)
+    ref = m(tokens, z, valid)
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(3))
+    out = m(tokens[:, perm], z, valid)  # same positions, slices shuffled among them
+    assert not torch.allclose(out, ref[:, perm], atol=1e-3)
+
+
+def test_bag_and_gather_agree():
+    a, b = _model(impl="bag"), _model(impl="gather")
+    tokens, z, valid = _volume(12, b=2)
+    valid[1, 9:] = False
+    torch.testing.assert_close(a(tokens, z, valid), b(tokens, z, valid), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("default_init", [True, False])
+def test_gradients_reach_offsets_and_attention_weights(default_init):
+    torch.manual_seed(0)
+    m = (SliceAttention(D, heads=4, points=3, layers=2) if default_init else _model()).train()
+    tokens, z, valid = _volume(16, spacing=1.7, b=2)
+    valid[1, 12:] = False
+    tokens.requires_grad_(True)
+    out = m(tokens, z, valid)
+    (out * torch.randn_like(out)).sum().backward()
+    for layer in m.layers:
+        for proj in (layer.attn.offset_proj, layer.attn.weight_proj):
+            assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    assert tokens.grad[valid].abs().sum() > 0
+    assert torch.count_nonzero(tokens.grad[~valid]) == 0  # padding never read
+
+
+def test_single_slice_long_volume_and_empty_row():
+    m = _model()
+    t, z, v = _volume(1)
+    out = m(t, z, v)
+    assert out.shape == (1, 1, D) and torch.isfinite(out).all()
+    t, z, v = _volume(300, spacing=0.8)
+    out = m(t, z, v)
+    assert out.shape == (1, 300, D) and torch.isfinite(out).all()
+    # a row with no real slice at all is finite (and zero)
+    t, z, v = _volume(5, b=2)
+    v[1] = False
+    out = m(t, z, v)
+    assert torch.isfinite(out).all() and out[1].abs().sum() == 0
+
+
+def test_duplicate_positions_and_shape_errors():
+    m = _model()
+    t, _, v = _volume(4)
+    out = m(t, torch.tensor([[0.0, 0.0, 2.0, 2.0]]), v)
+    assert torch.isfinite(out).all()
+    with pytest.raises(MedclustError, match="z_mm"):
+        m(t, torch.zeros(1, 3), v)
+    with pytest.raises(MedclustError, match="divisible"):
+        SliceAttention(30, heads=4)
