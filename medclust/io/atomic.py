@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
@@ -33,6 +39,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates 0600; outputs must be as readable as any other file (SLURM jobs, other users)
+        if tmp.is_file():
+            tmp.chmod(0o666 & ~_current_umask())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,151 @@
+"""Simulated radiographs: analytic line integrals of a phantom, label projection, dataset output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medclust.errors import MedclustError
+from medclust.preprocess.drr import drr_shape, hu_to_attenuation, render_drr, simulate_drr_dataset
+
+MU = 0.02
+SPACING = (0.5, 0.5, 2.0)
+
+
+def cube_phantom() -> tuple[np.ndarray, np.ndarray]:
+    """Air volume 40 x 40 x 82 mm with a 20 mm water cube (HU 0) at its centre, labelled.
+
+    The cube's patient-left half (low x index = patient left in RAS) is label 7, the rest 5.
+    """
+    hu = np.full((81, 81, 42), -1000.0, dtype=np.float32)
+    lab = np.zeros(hu.shape, dtype=np.uint8)
+    # x, y: voxels 20..60 = 40 voxels * 0.5 mm = 20 mm centred on index 40; z: 10 voxels * 2 mm.
+    hu[20:60, 20:60, 16:26] = 0.0
+    lab[20:60, 20:60, 16:26] = 5
+    lab[20:30, 20:60, 16:26] = 7
+    return hu, lab
+
+
+def test_attenuation_from_hu() -> None:
+    mu = hu_to_attenuation(np.array([-2048.0, -1000.0, 0.0, 1000.0]), MU)
+    assert mu == pytest.approx([0.0, 0.0, MU, 2 * MU])
+
+
+@pytest.mark.parametrize("angle", [0.0, 90.0, 180.0, 270.0])
+def test_cube_line_integral_is_path_length_times_mu(angle: float) -> None:
+    hu, _ = cube_phantom()
+    image, label = render_drr(hu, SPACING, angle, MU, pixel_spacing=1.0)
+    assert label is None
+    assert image.dtype == np.float32 and image.shape == drr_shape(hu.shape, SPACING, angle, 1.0)[:2]
+    rows, cols = image.shape
+    centre = image[rows // 2 - 3 : rows // 2 + 3, cols // 2 - 3 : cols // 2 + 3]
+    # 20 mm of water along every central ray, at any of the four right angles.
+    assert centre == pytest.approx(np.full(centre.shape, 20 * MU), abs=1e-5)
+    assert image[:3].max() == 0.0 and image[:, :3].max() == 0.0  # air around the cube
+    # The cube's 20 mm width (+- one pixel of linear interpolation) at half maximum.
+    central_row = image[rows // 2]
+    assert abs(int((central_row > 10 * MU).sum()) - 20) <= 1
+    central_col = image[:, cols // 2]
+    assert abs(int((central_col > 10 * MU).sum()) - 20) <= 1
+
+
+def test_oblique_ray_through_the_cube_diagonal() -> None:
+    hu, _ = cube_phantom()
+    image, _ = render_drr(hu, SPACING, 45.0, MU, pixel_spacing=0.5)
+    # Through the centre at 45 degrees the path is the square's diagonal, 20*sqrt(2) mm.
+    assert image.max() == pytest.approx(20 * math.sqrt(2) * MU, rel=0.03)
+
+
+def test_label_projection_longest_path_and_display_orientation() -> None:
+    hu, lab = cube_phantom()
+    rows = None
+    for angle, left_label, right_label in [(0.0, 5, 7), (180.0, 7, 5)]:
+        image, label = render_drr(hu, SPACING, angle, MU, 1.0, labels=lab)
+        assert label.dtype == np.uint8 and label.shape == image.shape
+        rows, cols = label.shape
+        row = label[rows // 2]
+        inside = np.flatnonzero(row)
+        # PA (0): patient right (label 5 half) on the viewer's left; AP (180) mirrored.
+        assert row[inside[0]] == left_label and row[inside[-1]] == right_label
+        assert set(np.unique(label)) == {0, 5, 7}
+        assert np.all(image[label > 0] > 0)  # a ray that crosses a structure crosses water
+        assert label[rows // 2, cols // 2] > 0 and label[0, 0] == 0
+    # Lateral: the ray crosses 5 mm of label 7 and 15 mm of label 5 -> label 5 everywhere.
+    _, label = render_drr(hu, SPACING, 90.0, MU, 1.0, labels=lab)
+    assert set(np.unique(label)) == {0, 5}
+    assert label[rows // 2, label.shape[1] // 2] == 5
+
+
+def test_labels_on_another_grid_are_rejected() -> None:
+    hu, lab = cube_phantom()
+    with pytest.raises(MedclustError, match="label shape"):
+        render_drr(hu, SPACING, 0.0, MU, 1.0, labels=lab[:-1])
+    with pytest.raises(MedclustError, match="3D volume"):
+        render_drr(hu[..., 0], SPACING, 0.0, MU, 1.0)
+
+
+def _write_case(folder: Path) -> tuple[Path, Path]:
+    hu, lab = cube_phantom()
+    affine = np.diag([*SPACING, 1.0])
+    # Store in LAS order (like the real chest CT) to exercise the RAS reorientation.
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = (hu.shape[0] - 1) * SPACING[0]
+    las_affine = affine @ flip
+    image = folder / "ct.nii.gz"
+    label = folder / "ct_label.nii.gz"
+    nib.save(nib.Nifti1Image(hu[::-1].astype(np.int16), las_affine), str(image))
+    nib.save(nib.Nifti1Image(lab[::-1], las_affine), str(label))
+    return image, label
+
+
+def test_simulate_dataset_writes_marked_nifti_and_manifest(tmp_path: Path) -> None:
+    image, label = _write_case(tmp_path)
+    cases = tmp_path / "cases.json"
+    cases.write_text(
+        json.dumps(
+            {
+                "dataset": "ct",
+                "cases": [
+                    {"case_id": "c1", "image": str(image), "label": "ct_label.nii.gz", "modality": "CT", "split": "test", "simulated": False},
+                    {"case_id": "xr", "image": str(image), "label": None, "modality": "XR", "split": None, "simulated": False},
+                ],
+            }
+        )
+    )
+    out = tmp_path / "drr"
+    manifest = simulate_drr_dataset(cases, out, {"angles": [0, 90], "mu_water": MU, "pixel_spacing": 1.0})
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert [r["image"] for r in rows] == ["images/c1_drr000.nii.gz", "images/c1_drr090.nii.gz"]
+    assert all(r["simulated"] == "true" and r["modality"] == "XR" and r["split"] == "test" for r in rows)
+    assert all(r["source_case"] == "c1" for r in rows)
+
+    img = nib.load(str(out / rows[0]["image"]))
+    lab = nib.load(str(out / rows[0]["label"]))
+    assert b"SIMULATED" in img.header["descrip"].tobytes()
+    assert np.allclose(img.affine, np.diag([1.0, 1.0, 1.0, 1.0]))
+    data = np.asarray(img.dataobj)
+    hu, lab_ras = cube_phantom()
+    expected, expected_label = render_drr(hu, SPACING, 0.0, MU, 1.0, labels=lab_ras)
+    # NIfTI axis 0 = image column: the stored array is the displayed image transposed.
+    assert data.shape == expected.T.shape
+    assert np.allclose(data, expected.T, atol=1e-5)
+    assert np.asarray(lab.dataobj).dtype == np.uint8
+    assert np.array_equal(np.asarray(lab.dataobj), expected_label.T)
+    record = json.loads((out / "drr.json").read_text())
+    assert record["simulated"] is True and len(record["images"]) == 2
+    assert (out / "provenance.json").is_file()
+
+
+def test_simulate_dataset_without_ct_cases_fails_clearly(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps({"dataset": "x", "cases": []}))
+    with pytest.raises(MedclustError, match="no CT cases"):
+        simulate_drr_dataset(cases, tmp_path / "out", {})
+    assert not (tmp_path / "out" / "manifest.tsv").exists()
