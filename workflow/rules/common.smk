@@ -63,3 +63,393 @@ def data_targets(wildcards):
             f"{RESULTS}/qc/{name}.tsv",
         ]
     return targets
+
+
+# --- evaluation, study and report helpers (evaluation stage; begin) ----------------------------
+
+
+def study_tasks():
+    """{task: settings} of the fine-tuning study (config `finetune.tasks`)."""
+    return dict(config.get("finetune", {}).get("tasks", {}) or {})
+
+
+def task_runs(task):
+    """Every run folder of `task` (the fine-tuning stage's grid)."""
+    return [str(d).rstrip("/") for d in finetune_run_dirs(task)]
+
+
+def _run_key(run_dir):
+    """(init, fraction, seed) of a run folder .../{task}/{init}/{fraction}/{seed}."""
+    parts = Path(run_dir).parts
+    return parts[-3], float(parts[-2]), int(parts[-1])
+
+
+def example_runs(task):
+    """One run per init for the example figures: the largest fraction, the smallest seed."""
+    runs = task_runs(task)
+    if not runs:
+        return []
+    top = max(_run_key(r)[1] for r in runs)
+    chosen = {}
+    for run in sorted(runs, key=lambda r: _run_key(r)[2]):
+        init, fraction, _ = _run_key(run)
+        if fraction == top and init not in chosen:
+            chosen[init] = run
+    return [chosen[i] for i in sorted(chosen, key=lambda i: (i != "none", i))]
+
+
+def study_targets(wildcards):
+    """Every study table and every report figure."""
+    return [f"{RESULTS}/study/{task}.csv" for task in study_tasks()] + report_targets()
+
+
+def report_methods():
+    """Pretraining methods whose outputs the report shows (config `pretrain.methods`)."""
+    return list(config.get("pretrain", {}).get("methods", []) or [])
+
+
+def trained_methods():
+    """Methods with a training log (random init `none` is not trained)."""
+    return [m for m in report_methods() if m != "none"]
+
+
+def task_type(task):
+    return study_tasks()[task].get("type", "segmentation")
+
+
+def task_test_dataset(task):
+    settings = study_tasks()[task]
+    return settings.get("test_dataset", settings.get("dataset"))
+
+
+def report_targets():
+    """Every report figure of the configured study."""
+    targets = []
+    if trained_methods():
+        targets.append(f"{RESULTS}/report/pretrain_loss.png")
+    targets += [f"{RESULTS}/report/embeddings/{m}.png" for m in report_methods()]
+    for task in study_tasks():
+        targets += [f"{RESULTS}/report/study/{task}_curves.png", f"{RESULTS}/report/study/{task}_table.png"]
+        if task_type(task) in ("segmentation", "detection"):
+            targets.append(f"{RESULTS}/report/examples/{task}.png")
+    return targets
+
+
+def example_inputs(wildcards):
+    files = [f"{run}/metrics.json" for run in example_runs(wildcards.task)]
+    if task_type(wildcards.task) == "detection":
+        files.append(f"{RESULTS}/slices/{task_test_dataset(wildcards.task)}/index.json")
+    return files
+
+
+# --- evaluation, study and report helpers (end) ------------------------------------------------
+
+
+# --- scale-out: conda env and the launcher of training processes (begin) ----------------------
+# Training rules start their command with the launch prefix so that one rule works on a laptop,
+# on one or several GPUs of a node and across nodes:
+#     params: launch=lambda wildcards, resources, threads: launch_prefix(resources, threads),
+#     shell: "{params.launch}medclust pretrain ... > {log} 2>&1"
+import os
+import re
+
+from snakemake.exceptions import WorkflowError
+
+# `conda: MEDCLUST_ENV` in a rule lets `--use-conda` run it in envs/medclust.yaml (paths in rule
+# directives are relative to this folder). pip in that env installs this checkout from
+# MEDCLUST_ROOT, which must therefore be known when Snakemake creates the env.
+MEDCLUST_ENV = "../../envs/medclust.yaml"
+os.environ.setdefault("MEDCLUST_ROOT", str(Path(workflow.basedir).resolve()))
+
+# torchrun's c10d rendezvous port on the head node, offset by the job id so that two multi-node
+# jobs sharing a head node do not collide.
+RDZV_BASE_PORT = 29500
+
+
+def gpus_per_node(resources):
+    """GPUs a rule uses on each node.
+
+    Args:
+        resources: the job's resources (`resources` argument of a params function).
+
+    Returns:
+        N from a per-node `gres="gpu[:type]:N"` request if present, else the `gpu` resource, else 0.
+    """
+    gres = str(resources.get("gres", "") or "")
+    match = re.search(r"(?:^|,)gpu(?::[A-Za-z0-9_.]+)?:(\d+)", gres)
+    if match:
+        return int(match.group(1))
+    return int(resources.get("gpu", 0) or 0)
+
+
+def launch_prefix(resources, threads=1):
+    """Shell prefix that starts a training command on the rule's CPUs/GPUs/nodes.
+
+    - no or one GPU, one node: `exec ` (the command itself);
+    - more GPUs on one node: `exec torchrun --standalone --nproc_per_node=<gpus> --no-python `;
+    - several nodes (the SLURM plugin's `mpi` resource, e.g. `mpi="srun", nodes=2, tasks=2,
+      gres="gpu:4", tasks_per_gpu=0`): `exec srun` runs one torchrun agent per node, which meet
+      at a c10d rendezvous on the job's first node and start `gres` GPUs' worth of ranks each.
+    `exec` replaces the job's bash so that SLURM's SIGTERM/SIGUSR1 reaches the trainer (which
+    checkpoints and exits 143/138) without a shell in between. The prefix must therefore start the
+    rule's last command. `--no-python` lets torchrun start the `medclust` console script.
+
+    Args:
+        resources: the job's resources (`resources` argument of a params function).
+        threads: the job's threads (CPUs per task for the multi-node srun step).
+
+    Returns:
+        The prefix, ending in a space, to put directly before `medclust <stage> ...`.
+    """
+    gpus = gpus_per_node(resources)
+    nodes = int(resources.get("nodes", 1) or 1)
+    mpi = resources.get("mpi")
+    if mpi:
+        launcher = str(mpi)
+        if launcher.split()[0] == "srun":
+            # Inside the job the SLURM plugin strips SLURM_NTASKS/SLURM_CPUS_PER_TASK & co. from the
+            # environment, so the step geometry is spelled out here rather than inherited.
+            launcher += f" --nodes={nodes} --ntasks-per-node=1 --cpus-per-task={threads} --kill-on-bad-exit=1"
+            if gpus:
+                launcher += f" --gres=gpu:{gpus}"
+        head = '$(scontrol show hostnames "$(squeue -h -j "$SLURM_JOB_ID" -o %N)" | head -n1)'
+        port = f"$(({RDZV_BASE_PORT} + SLURM_JOB_ID % 1000))"
+        return (
+            f"exec {launcher} torchrun --nnodes={nodes} --nproc_per_node={max(gpus, 1)} "
+            f"--rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d --rdzv-endpoint={head}:{port} --no-python "
+        )
+    if nodes > 1:
+        raise WorkflowError(
+            f"nodes={nodes} needs the `mpi` resource (e.g. mpi='srun', tasks={nodes}) to start "
+            "one torchrun agent per node; see workflow/profiles/slurm-multinode/config.yaml"
+        )
+    if gpus > 1:
+        return f"exec torchrun --standalone --nnodes=1 --nproc_per_node={gpus} --no-python "
+    return "exec "
+
+
+# --- scale-out (end) ---------------------------------------------------------------------------
+
+
+# --- demo data and simulated radiographs helpers (data stage; begin) ---------------------------
+DRR_DATASETS = [name for name, entry in DATASETS.items() if entry.get("format") == "drr"]
+# A regex matching only the drr datasets (one that matches nothing when there are none).
+DRR_DATASETS_PATTERN = "|".join(DRR_DATASETS) or "(?!x)x"
+
+
+def demo_input(dataset):
+    """[sources.json of the demo item `dataset` unpacks] (config `datasets.*.demo`), else [].
+
+    Accepts a dataset name or a wildcards object with a `dataset` attribute, so it works both
+    inside other input functions and directly as `input: demo=demo_input`.
+    """
+    name = getattr(dataset, "dataset", dataset)
+    item = DATASETS[name].get("demo")
+    return [f"{RESOURCES}/demo/{item}/sources.json"] if item else []
+
+
+def drr_source_cases(wildcards):
+    """The ingest cases list of the CT dataset a drr dataset simulates radiographs from."""
+    source = DATASETS[wildcards.dataset].get("source")
+    if source not in DATASETS:
+        raise ValueError(f"config datasets.{wildcards.dataset}.source: {source!r} is not a configured dataset")
+    return f"{RESULTS}/cases/{source}.json"
+
+
+# --- demo data and simulated radiographs helpers (end) -----------------------------------------
+
+
+# --- ingest and preprocessing helpers (data stage; begin) --------------------------------------
+
+
+def rule_threads(name, default):
+    """Threads of rule `name`: config `resources.<name>.threads`, else `default`."""
+    return int(config.get("resources", {}).get(name, {}).get("threads", default))
+
+
+def ingest_settings(dataset):
+    """dataset_settings plus what ingest needs: on_bad_input, and the manifest of a drr dataset."""
+    settings = dataset_settings(dataset)
+    settings["on_bad_input"] = config["on_bad_input"]
+    if settings["format"] == "drr":
+        settings["path"] = f"{RESULTS}/drr/{dataset}/manifest.tsv"
+    return settings
+
+
+def ingest_inputs(wildcards):
+    """Files a dataset's ingest waits for: the demo item's sources.json, the simulated
+    radiographs' manifest, or the user's own manifest/folder (so that changing it re-runs QC)."""
+    entry = DATASETS[wildcards.dataset]
+    inputs = {"demo": demo_input(wildcards.dataset)}
+    if entry["format"] == "drr":
+        inputs["source"] = f"{RESULTS}/drr/{wildcards.dataset}/manifest.tsv"
+    elif not entry.get("demo") and entry.get("path"):
+        inputs["source"] = entry["path"]
+    return inputs
+
+
+def case_entry(dataset, case):
+    """The entry of `case` in the ingest checkpoint's case list of `dataset`."""
+    cases_json = checkpoints.ingest.get(dataset=dataset).output.cases
+    with open(cases_json) as handle:
+        for entry in json.load(handle)["cases"]:
+            if entry["case_id"] == case:
+                return cases_json, entry
+    raise ValueError(f"{cases_json}: no case {case!r} (skipped by QC? see {RESULTS}/qc/{dataset}.tsv)")
+
+
+def preprocess_inputs(wildcards):
+    """The case list and the case's image (file or DICOM folder) and label, as rule inputs."""
+    cases_json, entry = case_entry(wildcards.dataset, wildcards.case)
+    inputs = {"cases": cases_json, "image": entry["image"]}
+    if entry.get("label"):
+        inputs["label"] = entry["label"]
+    return inputs
+
+
+def index_settings(dataset):
+    """What `medclust index` needs: the dataset name, the seed and the `splits` block."""
+    return {"dataset": dataset, "seed": config["seed"], "splits": config["splits"]}
+
+
+# --- ingest and preprocessing helpers (end) ----------------------------------------------------
+
+
+# --- fine-tuning helpers (fine-tuning stage; begin) --------------------------------------------
+# One run per {task}/{init}/{fraction}/{seed}; the grid (inits, fractions, seeds) is study-wide in
+# config `finetune` and may be overridden per task. Folder names use str(float(fraction)).
+FINETUNE_GRID_KEYS = ("inits", "fractions", "seeds")
+
+
+def fraction_name(fraction):
+    """The {fraction} folder name of a label fraction (0.25 -> "0.25", 1 -> "1.0")."""
+    return str(float(fraction))
+
+
+def finetune_grid(task):
+    """(inits, fractions, seeds) of `task`: its own lists, else the study-wide ones."""
+    ft = config["finetune"]
+    entry = ft["tasks"][task]
+    return tuple(list(entry.get(key, ft[key])) for key in FINETUNE_GRID_KEYS)
+
+
+def finetune_run_dirs(task):
+    """Every run folder of `task`."""
+    inits, fractions, seeds = finetune_grid(task)
+    return [
+        f"{RESULTS}/finetune/{task}/{init}/{fraction_name(fraction)}/{seed}"
+        for init in inits
+        for fraction in fractions
+        for seed in seeds
+    ]
+
+
+def finetune_targets(wildcards):
+    """model.pt of every run of every task of the study."""
+    return [f"{run}/model.pt" for task in config["finetune"]["tasks"] for run in finetune_run_dirs(task)]
+
+
+def finetune_train_dataset(task):
+    entry = config["finetune"]["tasks"][task]
+    return entry.get("train_dataset") or entry["dataset"]
+
+
+def finetune_settings(task):
+    """Resolved settings of one task: study-wide keys, the task's keys on top (dicts merged one
+    level deep), plus what the run needs from other sections. The grid lists are left out so that
+    adding a seed or fraction does not re-run the existing runs."""
+    ft = config["finetune"]
+    merged = {k: v for k, v in ft.items() if k != "tasks" and k not in FINETUNE_GRID_KEYS}
+    for key, value in ft["tasks"][task].items():
+        if key in FINETUNE_GRID_KEYS:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    if merged.get("label_groups"):
+        # as_json sorts keys; a list of pairs keeps the class order of the config
+        merged["label_groups"] = [[name, members] for name, members in merged["label_groups"].items()]
+    train_dataset = finetune_train_dataset(task)
+    merged["task"] = task
+    merged["train_dataset"] = train_dataset
+    merged["backbone"] = config["pretrain"].get("backbone", "resnet18")
+    merged["ct_window"] = preprocess_settings(train_dataset)["ct_window"]
+    merged["dataset_entry"] = dict(DATASETS[merged["dataset"]])
+    merged["train_dataset_entry"] = dict(DATASETS[train_dataset])
+    return merged
+
+
+def finetune_inputs(wildcards):
+    """Slice-store index/splits of the task's datasets and, unless init is none, the encoder."""
+    task = wildcards.task
+    dataset = config["finetune"]["tasks"][task]["dataset"]
+    train_dataset = finetune_train_dataset(task)
+    inputs = {
+        "index": f"{RESULTS}/slices/{dataset}/index.json",
+        "splits": f"{RESULTS}/slices/{dataset}/splits.json",
+    }
+    if train_dataset != dataset:
+        inputs["train_index"] = f"{RESULTS}/slices/{train_dataset}/index.json"
+        inputs["train_splits"] = f"{RESULTS}/slices/{train_dataset}/splits.json"
+    if wildcards.init != "none":
+        inputs["encoder"] = f"{RESULTS}/pretrain/{wildcards.init}/encoder.pt"
+    return inputs
+
+
+def finetune_args(wildcards, input):
+    """Optional CLI arguments of `medclust finetune` (training store, encoder)."""
+    args = []
+    if "train_index" in input.keys():
+        args += ["--train-slices", shlex.quote(str(Path(input.train_index).parent))]
+    if "encoder" in input.keys():
+        args += ["--encoder", shlex.quote(str(input.encoder))]
+    return " ".join(args)
+
+
+# --- fine-tuning helpers (end) -----------------------------------------------------------------
+
+
+# --- pretraining helpers (begin) ---------------------------------------------------------------
+
+PRETRAIN_METHODS = ("joint", "swav2d", "deepcluster2d", "none")
+
+# Settings only the joint method reads: the 2D methods run with schema defaults for them, and the
+# keys are left out of their params, so tuning the 3D branch does not re-run the 2D baselines.
+# Keep in sync with medclust.train.recipes.pretrain.THREE_D_KEYS (tests/test_pretrain.py checks).
+PRETRAIN_3D_KEYS = (
+    "w_intra", "w_inter", "w_mask", "warmup_2d_steps", "heads", "points", "layers", "k_3d",
+    "mask_ratio", "mask_loss", "s_max", "batch_size_3d", "volume_size", "queue_length_3d",
+    "volume_slices_in_2d",
+)
+
+
+def pretrain_datasets():
+    """Datasets pretraining reads (config `pretrain.datasets`, default: every dataset)."""
+    chosen = config["pretrain"].get("datasets") or list(DATASETS)
+    unknown = [d for d in chosen if d not in DATASETS]
+    if unknown:
+        raise ValueError(f"config pretrain.datasets: {unknown} are not keys of `datasets`")
+    return list(chosen)
+
+
+def pretrain_method_settings(method):
+    """What one method's run depends on: the `pretrain` section minus the method list, the dataset
+    list (the stores are inputs), the 3D keys for 2D methods and `deepcluster` for the others;
+    plus the global seed."""
+    drop = {"methods", "datasets"}
+    if method != "joint":
+        drop |= set(PRETRAIN_3D_KEYS)
+    if method != "deepcluster2d":
+        drop.add("deepcluster")
+    settings = {k: v for k, v in config["pretrain"].items() if k not in drop}
+    settings["seed"] = config["seed"]
+    return settings
+
+
+def pretrain_targets(wildcards):
+    """The encoder of every configured method (config `pretrain.methods`)."""
+    return [f"{RESULTS}/pretrain/{m}/encoder.pt" for m in config["pretrain"]["methods"]]
+
+
+# --- pretraining helpers (end) -----------------------------------------------------------------

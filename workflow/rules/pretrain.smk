@@ -1,5 +1,40 @@
-# Pretraining: one run per {method} (owned by the pretraining stage; placeholder until it lands)
+# Pretraining: one run per {method} (owned by the pretraining stage).
+#   rule pretrain_method  results/pretrain/{method}/encoder.pt (+ metrics.csv, embeddings.npz,
+#                         provenance.json, slice_encoder.pt, tensorboard/). Its checkpoint/ folder is
+#                         NOT an output: it survives a failed or pre-empted job, and the rerun resumes
+#                         from it ("resuming from step N" in the log). encoder.pt is written last.
+# The target rule `pretrain` (Snakefile) collects pretrain_targets; helpers are in common.smk.
 
 
-def pretrain_targets(wildcards):
-    return []
+wildcard_constraints:
+    method="|".join(PRETRAIN_METHODS),
+
+
+rule pretrain_method:
+    input:
+        index=lambda wildcards: [f"{RESULTS}/slices/{d}/index.json" for d in pretrain_datasets()],
+        splits=lambda wildcards: [f"{RESULTS}/slices/{d}/splits.json" for d in pretrain_datasets()],
+    output:
+        encoder=f"{RESULTS}/pretrain/{{method}}/encoder.pt",
+        metrics=f"{RESULTS}/pretrain/{{method}}/metrics.csv",
+        embeddings=f"{RESULTS}/pretrain/{{method}}/embeddings.npz",
+        provenance=f"{RESULTS}/pretrain/{{method}}/provenance.json",
+    params:
+        settings=lambda wildcards: as_json(pretrain_method_settings(wildcards.method)),
+        stores=lambda wildcards, input: [str(Path(p).parent) for p in input.index],
+        out=lambda wildcards, output: str(Path(output.encoder).parent),
+        checkpoint=lambda wildcards, output: str(Path(output.encoder).parent / "checkpoint"),
+        launch=lambda wildcards, resources, threads: launch_prefix(resources, threads),
+    log:
+        f"{RESULTS}/logs/pretrain/{{method}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{method}}.tsv"
+    resources:
+        **rule_resources("pretrain", threads=2, mem_mb=8000, runtime=120, gpu=1),
+    threads: rule_threads("pretrain", 2)
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "{params.launch}medclust pretrain --method {wildcards.method} --settings {params.settings:q}"
+        " --stores {params.stores:q} --out {params.out:q} --checkpoint-dir {params.checkpoint:q}"
+        " --threads {threads} > {log:q} 2>&1"

@@ -1,1 +1,105 @@
-# Figures registered with report() (placeholder until it lands)
+# Figures registered with report() (owned by the evaluation stage); `snakemake --report report.html`
+# collects them with the captions in workflow/report/. Every figure is drawn by a `medclust plot-*`
+# command from metrics files, study tables, embeddings or predictions.
+
+
+rule plot_pretrain_loss:
+    input:
+        lambda wildcards: [f"{RESULTS}/pretrain/{m}/metrics.csv" for m in trained_methods()],
+    output:
+        report(
+            f"{RESULTS}/report/pretrain_loss.png",
+            category="Pretraining",
+            subcategory="Loss curves",
+            caption="../report/pretrain_loss.rst",
+            labels={"figure": "loss curves"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/pretrain_loss.log",
+    resources:
+        **rule_resources("plot", threads=1, mem_mb=2000, runtime=10),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust plot-loss --metrics {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule plot_embeddings:
+    input:
+        f"{RESULTS}/pretrain/{{method}}/embeddings.npz",
+    output:
+        report(
+            f"{RESULTS}/report/embeddings/{{method}}.png",
+            category="Pretraining",
+            subcategory="Embeddings",
+            caption="../report/embeddings.rst",
+            labels={"method": "{method}", "figure": "embedding map (PCA)"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/embeddings_{{method}}.log",
+    resources:
+        **rule_resources("plot", threads=1, mem_mb=2000, runtime=10),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust plot-embeddings --embeddings {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule plot_study:
+    input:
+        f"{RESULTS}/study/{{task}}.csv",
+    output:
+        curves=report(
+            f"{RESULTS}/report/study/{{task}}_curves.png",
+            category="Study",
+            subcategory="{task}",
+            caption="../report/study_curves.rst",
+            labels={"task": "{task}", "figure": "metric vs label fraction"},
+        ),
+        table=report(
+            f"{RESULTS}/report/study/{{task}}_table.png",
+            category="Study",
+            subcategory="{task}",
+            caption="../report/study_table.rst",
+            labels={"task": "{task}", "figure": "study table"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/study_{{task}}.log",
+    resources:
+        **rule_resources("plot", threads=1, mem_mb=2000, runtime=10),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "(medclust plot-study --table {input:q} --kind curves --out {output.curves:q}"
+        " && medclust plot-study --table {input:q} --kind table --out {output.table:q}) > {log:q} 2>&1"
+
+
+rule plot_examples:
+    input:
+        example_inputs,
+    output:
+        report(
+            f"{RESULTS}/report/examples/{{task}}.png",
+            category="Examples",
+            subcategory="{task}",
+            caption="../report/examples.rst",
+            labels={"task": "{task}", "figure": "test examples"},
+        ),
+    params:
+        runs=lambda wildcards: example_runs(wildcards.task),
+        kind=lambda wildcards: task_type(wildcards.task),
+        slices=lambda wildcards: f"{RESULTS}/slices/{task_test_dataset(wildcards.task)}",
+        n=lambda wildcards: config["study"]["example_slices"],
+    log:
+        f"{RESULTS}/logs/report/examples_{{task}}.log",
+    resources:
+        **rule_resources("plot", threads=1, mem_mb=4000, runtime=10),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust plot-examples --kind {params.kind} --runs {params.runs:q} --slices {params.slices:q}"
+        " --n {params.n} --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,34 @@
+"""Datasets, samplers and augmentations: pretraining items/volumes here; downstream in ``downstream``."""
+
+from medclust.data.augment import AugmentSettings, seed_transform_, select_view_slices, view_transform
+from medclust.data.pretrain_datasets import (
+    PRETRAIN_SPLITS,
+    BatchPlan,
+    CaseArrays,
+    PretrainBatches,
+    PretrainCase,
+    collect_cases,
+    eval_volume_indices,
+    item_table,
+    plan_epoch,
+    resize_slices,
+    volume_table,
+)
+
+__all__ = [
+    "PRETRAIN_SPLITS",
+    "AugmentSettings",
+    "BatchPlan",
+    "CaseArrays",
+    "PretrainBatches",
+    "PretrainCase",
+    "collect_cases",
+    "eval_volume_indices",
+    "item_table",
+    "plan_epoch",
+    "resize_slices",
+    "seed_transform_",
+    "select_view_slices",
+    "view_transform",
+    "volume_table",
+]

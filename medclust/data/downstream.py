@@ -1,0 +1,659 @@
+"""Downstream datasets: task targets, train/val/test splits, nested label fractions, 2.5D stacks.
+
+Everything here works on slice-store cases held in memory (``(S, H, W)`` arrays, small at the
+store's resolution) and is deterministic given explicit seeds:
+
+- **Splits.** ``cases``: the dataset's ``splits.json`` (case level); if it has no validation
+  cases, a validation slab is cut from each training volume (with a gap) so model selection never
+  touches the test cases. ``slabs``: for datasets with one (or few) volumes, every volume is cut
+  along the slice axis into train/val/test slabs with a gap of at least ``gap_mm`` (and at least
+  the 2.5D context) between slabs of different splits. The slab layout depends only on the
+  volume and the slab settings, never on the run seed, so every run of a study is tested on the
+  same slices.
+- **Label fractions.** :func:`fraction_subset` draws one seeded permutation of the training
+  items and keeps its first ``ceil(fraction * n)``: for a given seed the 25 % subset is inside
+  the 50 % subset, which is inside 100 %. Items are cases when there are enough training cases
+  (``min_cases``), else labelled slices.
+- **Targets.** label groups (raw label values or names -> task classes), slice-level multi-label
+  targets from masks, Gaussian centre heatmaps, simulated nodules.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medclust.errors import BadInputError, MedclustError
+
+__all__ = [
+    "SPLITS",
+    "SplitPlan",
+    "TaskCase",
+    "context_stack",
+    "crop_box",
+    "fraction_subset",
+    "gaussian_heatmap",
+    "hu_to_unit",
+    "load_cases",
+    "plan_splits",
+    "read_store_json",
+    "remap_labels",
+    "resolve_label_groups",
+    "slab_layout",
+    "slice_targets_from_mask",
+    "simulate_nodules",
+]
+
+SPLITS = ("train", "val", "test")
+
+
+# -- reading the slice store ---------------------------------------------------------------------
+
+
+@dataclass
+class TaskCase:
+    """One slice-store case in memory, plus the task's targets for it.
+
+    Attributes:
+        case_id: the case id.
+        path: the HDF5 file.
+        image: (S, H, W) float32 in [0, 1].
+        label: (S, H, W) int raw label values, or None.
+        attrs: slice-store attrs.
+        z_mm: (S,) slice positions along the slice axis.
+        target: task targets set by the recipe (class map, slice targets, heatmap ...).
+        extra: anything else a recipe attaches (simulated lesions, ignore masks ...).
+    """
+
+    case_id: str
+    path: str
+    image: np.ndarray
+    label: np.ndarray | None
+    attrs: dict[str, Any]
+    z_mm: np.ndarray
+    target: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def slice_spacing(self) -> float:
+        """Distance between neighbouring slices in mm (1.0 for a single slice)."""
+        if self.num_slices > 1:
+            return float(np.median(np.abs(np.diff(self.z_mm))))
+        spacing = self.attrs.get("target_spacing")
+        axis = int(self.attrs.get("slice_axis", 2))
+        if spacing is not None:
+            values = json.loads(spacing) if isinstance(spacing, (str, bytes)) else spacing
+            values = list(np.asarray(values, dtype=float).ravel())
+            if len(values) > axis:
+                return float(values[axis])
+        return 1.0
+
+    @property
+    def pixel_spacing(self) -> tuple[float, float]:
+        """In-plane spacing (rows, cols) in mm from ``store_affine``."""
+        affine = np.asarray(_json_attr(self.attrs, "store_affine"), dtype=float)
+        axis = int(self.attrs.get("slice_axis", 2))
+        norms = np.linalg.norm(affine[:3, :3], axis=0)
+        rest = [a for a in range(3) if a != axis]
+        return float(norms[rest[0]]), float(norms[rest[1]])
+
+
+def _json_attr(attrs: Mapping[str, Any], key: str) -> Any:
+    value = attrs.get(key)
+    if isinstance(value, (str, bytes)):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def read_store_json(slices_dir: str | os.PathLike[str], name: str) -> dict[str, Any]:
+    """Read ``index.json`` or ``splits.json`` of a slice-store folder.
+
+    Raises:
+        BadInputError: missing or unreadable, naming the file.
+    """
+    path = Path(slices_dir) / name
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise BadInputError(path, "not found (run the data stage first)") from err
+    except (OSError, ValueError) as err:
+        raise BadInputError(path, f"cannot read: {err}") from err
+
+
+def load_cases(slices_dir: str | os.PathLike[str], case_ids: Sequence[str] | None = None) -> list[TaskCase]:
+    """Load cases of a slice store into memory (float32 images), in ``index.json`` order.
+
+    Args:
+        slices_dir: ``results/slices/{dataset}``.
+        case_ids: only these (default: every case in the index).
+
+    Returns:
+        The cases.
+    """
+    from medclust.io.slice_store import read_case
+
+    index = read_store_json(slices_dir, "index.json")
+    wanted = None if case_ids is None else set(case_ids)
+    cases = []
+    for entry in index.get("cases", []):
+        if wanted is not None and entry["case_id"] not in wanted:
+            continue
+        path = Path(slices_dir) / entry.get("file", f"{entry['case_id']}.h5")
+        sc = read_case(path)
+        image = np.asarray(sc.image, dtype=np.float32)
+        label = None if sc.label is None else np.asarray(sc.label).astype(np.int64)
+        attrs = dict(sc.attrs)
+        z_mm = np.asarray(sc.z_mm, dtype=np.float64) if getattr(sc, "z_mm", None) is not None else np.arange(image.shape[0], dtype=float)
+        cases.append(TaskCase(entry["case_id"], str(path), image, label, attrs, z_mm))
+    if wanted is not None:
+        missing = wanted - {c.case_id for c in cases}
+        if missing:
+            raise BadInputError(Path(slices_dir) / "index.json", f"cases not in the index: {sorted(missing)}")
+    return cases
+
+
+# -- label groups and targets ----------------------------------------------------------------------
+
+
+def resolve_label_groups(
+    groups: Mapping[str, Sequence[int | str]] | None,
+    label_names: Mapping[int, str] | None = None,
+    present: Iterable[int] = (),
+) -> tuple[dict[int, int], dict[int, str]]:
+    """Turn a task's ``label_groups`` into a raw-value -> class lookup and the class names.
+
+    Args:
+        groups: ordered ``{class name: [raw label value | label name | glob on names, ...]}``
+            (or the same as a list of ``[name, members]`` pairs); classes are numbered 1, 2, ...
+            in this order. ``None`` keeps the raw values as classes.
+        label_names: raw value -> name of the dataset's labels (to resolve names and globs).
+        present: raw label values found in the data (used for the class list when ``groups`` is None).
+
+    Returns:
+        ``(lut, classes)``: raw value -> class value (absent values map to 0 = background), and
+        class value -> name (background not listed).
+
+    Raises:
+        MedclustError: a name/glob matches no label, or one raw value lands in two classes.
+    """
+    names = {int(k): str(v) for k, v in (label_names or {}).items()}
+    if isinstance(groups, (list, tuple)):
+        groups = {str(name): members for name, members in groups}  # ordered pairs (from the workflow)
+    if not groups:
+        values = sorted({int(v) for v in present} | {v for v in names if v != 0})
+        values = [v for v in values if v != 0]
+        return {v: v for v in values}, {v: names.get(v, f"class_{v}") for v in values}
+    lut: dict[int, int] = {}
+    classes: dict[int, str] = {}
+    for cls, (name, members) in enumerate(groups.items(), start=1):
+        classes[cls] = str(name)
+        if isinstance(members, (str, int)):
+            members = [members]
+        for member in members:
+            if isinstance(member, (int, np.integer)) or (isinstance(member, str) and member.isdigit()):
+                matched = [int(member)]
+            else:
+                matched = [v for v, n in names.items() if fnmatch.fnmatchcase(n.lower(), str(member).lower())]
+                if not matched:
+                    raise MedclustError(f"label_groups.{name}: {member!r} matches no label name of the dataset")
+            for value in matched:
+                if value in lut and lut[value] != cls:
+                    raise MedclustError(
+                        f"label_groups: label {value} ({names.get(value, value)}) is in both "
+                        f"{classes[lut[value]]!r} and {name!r}"
+                    )
+                lut[value] = cls
+    return lut, classes
+
+
+def remap_labels(label: np.ndarray, lut: Mapping[int, int]) -> np.ndarray:
+    """Map raw label values to task classes (values not in ``lut`` -> 0)."""
+    label = np.asarray(label)
+    if label.size == 0:
+        return label.astype(np.int64)
+    top = max(int(label.max()), max(lut, default=0)) + 1
+    table = np.zeros(top, dtype=np.int64)
+    for raw, cls in lut.items():
+        if 0 <= raw < top:
+            table[raw] = cls
+    return table[np.clip(label, 0, top - 1)]
+
+
+def slice_targets_from_mask(classes_map: np.ndarray, num_classes: int, min_pixels: int = 1) -> np.ndarray:
+    """Multi-label slice targets: does slice s contain class c (>= ``min_pixels`` pixels)?
+
+    Args:
+        classes_map: (S, H, W) task class values (1..num_classes; 0 = background).
+        num_classes: C.
+        min_pixels: pixels of a class needed on a slice to count as present.
+
+    Returns:
+        (S, C) float32 in {0, 1}; column c is class value c + 1.
+    """
+    flat = classes_map.reshape(classes_map.shape[0], -1)
+    out = np.zeros((classes_map.shape[0], num_classes), dtype=np.float32)
+    for c in range(num_classes):
+        out[:, c] = ((flat == c + 1).sum(axis=1) >= min_pixels).astype(np.float32)
+    return out
+
+
+def hu_to_unit(hu: float | np.ndarray, window: Sequence[float]) -> float | np.ndarray:
+    """Hounsfield units -> the store's [0, 1] CT scale for ``window`` = (low, high)."""
+    low, high = float(window[0]), float(window[1])
+    return np.clip((np.asarray(hu, dtype=float) - low) / (high - low), 0.0, 1.0)
+
+
+# -- splits and label fractions -------------------------------------------------------------------
+
+
+def slab_layout(
+    num_slices: int,
+    slice_spacing_mm: float,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    blocks: int = 2,
+    gap_mm: float = 10.0,
+    min_gap_slices: int = 0,
+) -> np.ndarray:
+    """Assign each slice of a volume to ``train``, ``val``, ``test`` or ``""`` (gap).
+
+    The volume is cut into ``blocks`` equal runs of slices; each block holds, in order, a train,
+    a val and a test slab (sized by the fractions) separated by gaps, and consecutive blocks are
+    separated by a gap too. Spreading each split over several blocks keeps every split
+    representative of the whole z range (a chest CT's liver is only in its lower part).
+
+    Args:
+        num_slices: S.
+        slice_spacing_mm: distance between slices.
+        val_fraction: share of non-gap slices for validation (0 allowed).
+        test_fraction: share of non-gap slices for testing (0 allowed).
+        blocks: number of train/val/test repetitions along z.
+        gap_mm: minimum distance between slabs of different splits.
+        min_gap_slices: minimum gap in slices (the 2.5D context, so no input stack crosses).
+
+    Returns:
+        (S,) array of strings.
+
+    Raises:
+        MedclustError: the volume is too short for the requested layout.
+    """
+    gap = max(int(math.ceil(gap_mm / max(slice_spacing_mm, 1e-6) - 1e-9)), int(min_gap_slices))
+    parts = [(name, frac) for name, frac in (("train", 1.0 - val_fraction - test_fraction), ("val", val_fraction), ("test", test_fraction)) if frac > 0]
+    layout = np.full(num_slices, "", dtype=object)
+    bounds = np.linspace(0, num_slices, blocks + 1).round().astype(int)
+    for b in range(blocks):
+        start, stop = int(bounds[b]), int(bounds[b + 1])
+        trailing = gap if b < blocks - 1 else 0
+        usable = stop - start - gap * (len(parts) - 1) - trailing
+        if usable < len(parts):
+            raise MedclustError(
+                f"slabs: {num_slices} slices of {slice_spacing_mm:g} mm are too few for {blocks} blocks of "
+                f"{'/'.join(p for p, _ in parts)} slabs with {gap}-slice gaps; lower finetune.slabs.blocks or gap_mm"
+            )
+        sizes = [max(1, int(round(usable * frac))) for _, frac in parts]
+        sizes[0] = usable - sum(sizes[1:])  # train takes the rounding remainder
+        if sizes[0] < 1:
+            raise MedclustError(f"slabs: no training slices left in block {b}; lower val/test fractions")
+        pos = start
+        for (name, _), size in zip(parts, sizes):
+            layout[pos : pos + size] = name
+            pos += size + gap
+    return layout.astype(str)
+
+
+def fraction_subset(items: Sequence[Any], fraction: float, seed: int) -> list[Any]:
+    """A seeded, nested subset: ``ceil(fraction * n)`` items (at least 1).
+
+    The same seed gives the same permutation for every fraction, so smaller fractions are
+    prefixes of larger ones (0.25 ⊂ 0.5 ⊂ 1.0). The order of ``items`` must itself be
+    deterministic (sorted ids / slice indices).
+
+    Args:
+        items: candidate training items.
+        fraction: in (0, 1].
+        seed: run seed.
+
+    Returns:
+        The chosen items, in the permutation's order.
+    """
+    if not 0 < fraction <= 1:
+        raise MedclustError(f"finetune.fractions: {fraction} must be in (0, 1]")
+    n = len(items)
+    if n == 0:
+        return []
+    order = np.random.default_rng([int(seed), 0xF4AC]).permutation(n)
+    keep = max(1, int(math.ceil(fraction * n - 1e-9)))
+    return [items[i] for i in order[:keep]]
+
+
+@dataclass
+class SplitPlan:
+    """Which cases/slices a run trains, validates and tests on.
+
+    Attributes:
+        train: ``{case_id: slice indices}`` with labels used for training (after the fraction).
+        val: ``{case_id: slice indices}`` for model selection.
+        test: ``{case_id: slice indices}`` predicted and scored (all slices for ``cases``).
+        train_total: number of training items before the fraction.
+        unit: ``cases`` or ``slices``: what the fraction subsampled.
+        layout: ``{case_id: (S,) split name per slice}`` for slab-split volumes.
+    """
+
+    train: dict[str, np.ndarray]
+    val: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    train_total: int
+    unit: str
+    layout: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train) if self.unit == "cases" else int(sum(len(v) for v in self.train.values()))
+
+
+def plan_splits(
+    cases: Sequence[TaskCase],
+    splits: Mapping[str, Sequence[str]] | None,
+    strategy: str,
+    fraction: float,
+    seed: int,
+    slabs: Mapping[str, Any] | None = None,
+    context_slices: int = 0,
+    fraction_unit: str = "auto",
+    min_cases: int = 8,
+    val_fraction: float = 0.2,
+    with_test: bool = True,
+    usable_slices: Mapping[str, np.ndarray] | None = None,
+    extents: Mapping[str, tuple[int, int]] | None = None,
+) -> SplitPlan:
+    """Split a dataset's cases/slices into train/val/test and apply the label fraction.
+
+    Args:
+        cases: the dataset's cases (slice counts and z positions are used).
+        splits: ``splits.json`` content (``train``/``val``/``test`` case ids); ``cases`` strategy.
+        strategy: ``cases`` or ``slabs``.
+        fraction: label fraction of the training items.
+        seed: run seed (fraction subset only; splits do not depend on it).
+        slabs: slab settings (``blocks``, ``val_fraction``, ``test_fraction``, ``gap_mm``).
+        context_slices: 2.5D context k (minimum gap between slabs).
+        fraction_unit: ``cases``, ``slices`` or ``auto`` (cases if >= ``min_cases`` training cases).
+        min_cases: see ``fraction_unit``.
+        val_fraction: share of each training volume cut as a validation slab when ``splits``
+            has no validation cases.
+        with_test: False when the test cases come from another dataset (no test slabs/cases here).
+        usable_slices: optional ``{case_id: bool (S,)}`` of slices that may be training/val items
+            (e.g. slices with a label); all slices by default.
+        extents: optional ``{case_id: (first, last)}`` slice range over which slabs are laid out
+            (the labelled z extent, so that no slab is empty); slices outside are not used.
+
+    Returns:
+        The plan.
+    """
+    slabs = dict(slabs or {})
+    by_id = {c.case_id: c for c in cases}
+
+    def slices_of(case: TaskCase, mask: np.ndarray | None = None) -> np.ndarray:
+        keep = np.ones(case.num_slices, dtype=bool) if mask is None else mask.copy()
+        if usable_slices is not None and case.case_id in usable_slices:
+            keep &= np.asarray(usable_slices[case.case_id], dtype=bool)
+        return np.flatnonzero(keep)
+
+    def layout_of(case: TaskCase, val_fraction: float, test_fraction: float) -> np.ndarray:
+        lo, hi = (extents or {}).get(case.case_id, (0, case.num_slices - 1))
+        lay = np.full(case.num_slices, "", dtype=object)
+        lay[lo : hi + 1] = slab_layout(
+            hi - lo + 1,
+            case.slice_spacing,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            blocks=int(slabs.get("blocks", 2)),
+            gap_mm=float(slabs.get("gap_mm", 10.0)),
+            min_gap_slices=context_slices,
+        )
+        return lay.astype(str)
+
+    train: dict[str, np.ndarray] = {}
+    val: dict[str, np.ndarray] = {}
+    test: dict[str, np.ndarray] = {}
+    layout: dict[str, np.ndarray] = {}
+    if strategy == "slabs":
+        for case in sorted(cases, key=lambda c: c.case_id):
+            lay = layout_of(
+                case,
+                float(slabs.get("val_fraction", 0.2)),
+                float(slabs.get("test_fraction", 0.2)) if with_test else 0.0,
+            )
+            layout[case.case_id] = lay
+            train[case.case_id] = slices_of(case, lay == "train")
+            if (lay == "val").any():
+                val[case.case_id] = slices_of(case, lay == "val")
+            if (lay == "test").any():
+                test[case.case_id] = np.flatnonzero(lay == "test")
+        unit = "slices"
+    elif strategy == "cases":
+        if splits is None:
+            raise MedclustError("finetune split 'cases' needs the dataset's splits.json")
+        ids = {name: [c for c in splits.get(name, []) if c in by_id] for name in SPLITS}
+        if not ids["train"]:
+            raise MedclustError("finetune: splits.json has no training case with a slice store file")
+        for cid in ids["train"]:
+            train[cid] = slices_of(by_id[cid])
+        for cid in ids["val"]:
+            val[cid] = slices_of(by_id[cid])
+        if with_test:
+            for cid in ids["test"]:
+                test[cid] = np.arange(by_id[cid].num_slices)
+        if not val:
+            # no validation cases: hold out a slab of every training volume instead (with a gap)
+            for cid in list(train):
+                case = by_id[cid]
+                if case.num_slices < 3:
+                    continue
+                lay = layout_of(case, val_fraction, 0.0)
+                layout[cid] = lay
+                train[cid] = slices_of(case, lay == "train")
+                val[cid] = slices_of(case, lay == "val")
+        n_cases = len(train)
+        unit = fraction_unit if fraction_unit != "auto" else ("cases" if n_cases >= min_cases else "slices")
+    else:
+        raise MedclustError(f"finetune split: unknown strategy {strategy!r}; choose cases or slabs")
+    if strategy == "slabs" and fraction_unit == "cases":
+        unit = "cases" if len(train) >= 2 else "slices"
+
+    train = {k: v for k, v in train.items() if len(v)}
+    if unit == "cases":
+        keys = sorted(train)
+        total = len(keys)
+        chosen = set(fraction_subset(keys, fraction, seed))
+        train = {k: v for k, v in train.items() if k in chosen}
+    else:
+        items = [(cid, int(s)) for cid in sorted(train) for s in train[cid]]
+        total = len(items)
+        chosen_items = fraction_subset(items, fraction, seed)
+        picked: dict[str, list[int]] = {}
+        for cid, s in chosen_items:
+            picked.setdefault(cid, []).append(s)
+        train = {cid: np.array(sorted(v), dtype=np.int64) for cid, v in sorted(picked.items())}
+    if not train:
+        raise MedclustError("finetune: no training items after splitting")
+    return SplitPlan(train=train, val=val, test=test, train_total=total, unit=unit, layout=layout)
+
+
+# -- 2.5D stacks and crops ------------------------------------------------------------------------
+
+
+def context_stack(image: np.ndarray, indices: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
+    """Slices ``i-k .. i+k`` of ``image`` as channels for every ``i`` in ``indices``.
+
+    Slices beyond the volume repeat the edge slice (a 2D image, S = 1, repeats itself).
+
+    Args:
+        image: (S, H, W).
+        indices: centre slices.
+        k: context on each side (0 = plain 2D).
+
+    Returns:
+        (N, 2k+1, H, W) float32.
+    """
+    idx = np.asarray(indices, dtype=np.int64)[:, None] + np.arange(-k, k + 1)[None, :]
+    idx = np.clip(idx, 0, image.shape[0] - 1)
+    return np.ascontiguousarray(image[idx], dtype=np.float32)
+
+
+def crop_box(
+    shape: Sequence[int], size: Sequence[int] | None, rng: np.random.Generator, must_contain: tuple[float, float] | None = None
+) -> tuple[slice, slice]:
+    """A random in-plane crop window of ``size`` (the whole plane when ``size`` is None or larger).
+
+    Args:
+        shape: (H, W).
+        size: (h, w) or None.
+        rng: generator.
+        must_contain: optional (row, col) the window must include (positive-centred crops).
+
+    Returns:
+        (row slice, col slice).
+    """
+    out = []
+    for axis in range(2):
+        full = int(shape[axis])
+        want = full if size is None else min(int(size[axis]), full)
+        lo, hi = 0, full - want
+        if must_contain is not None:
+            c = int(round(must_contain[axis]))
+            lo, hi = max(lo, c - want + 2), min(hi, c - 1)
+            if lo > hi:
+                lo = hi = int(np.clip(c - want // 2, 0, full - want))
+        start = int(rng.integers(lo, hi + 1)) if hi > lo else lo
+        out.append(slice(start, start + want))
+    return out[0], out[1]
+
+
+# -- detection targets ----------------------------------------------------------------------------
+
+
+def gaussian_heatmap(
+    shape: Sequence[int], centres: np.ndarray, sigmas: np.ndarray
+) -> np.ndarray:
+    """3D centre heatmap in store layout: max over objects of anisotropic Gaussians.
+
+    The centre voxel (rounded) of every object is exactly 1 (a positive of the focal loss);
+    the Gaussian falls off along the slice axis too, so neighbouring slices of an object get
+    lower peaks that the per-slice peak grouping then merges.
+
+    Args:
+        shape: (S, H, W).
+        centres: (N, 3) float ``(slice, row, col)`` indices.
+        sigmas: (N, 3) Gaussian sigma in voxels per axis.
+
+    Returns:
+        (S, H, W) float32 in [0, 1].
+    """
+    heat = np.zeros(tuple(int(s) for s in shape), dtype=np.float32)
+    for centre, sigma in zip(np.atleast_2d(centres), np.atleast_2d(sigmas)):
+        c = np.round(centre).astype(int)
+        radius = np.ceil(3 * np.asarray(sigma)).astype(int)
+        lo = np.maximum(c - radius, 0)
+        hi = np.minimum(c + radius + 1, heat.shape)
+        if np.any(lo >= hi):
+            continue
+        grids = np.meshgrid(*[np.arange(lo[a], hi[a]) for a in range(3)], indexing="ij")
+        g = np.exp(-sum((grids[a] - c[a]) ** 2 / (2.0 * float(sigma[a]) ** 2) for a in range(3)))
+        region = tuple(slice(lo[a], hi[a]) for a in range(3))
+        heat[region] = np.maximum(heat[region], g.astype(np.float32))
+    return heat
+
+
+def simulate_nodules(
+    image: np.ndarray,
+    organ_mask: np.ndarray,
+    spacing: Sequence[float],
+    rng: np.random.Generator,
+    count: int,
+    diameter_mm: Sequence[float] = (5.0, 20.0),
+    intensity: Sequence[float] = (0.45, 0.55),
+    avoid: np.ndarray | None = None,
+    avoid_mm: float = 20.0,
+    allowed_slices: np.ndarray | None = None,
+    margin_mm: float = 3.0,
+    noise: float = 0.02,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Insert ellipsoidal nodule-like blobs into a volume (store layout), inside an organ mask.
+
+    Centres are drawn at random inside ``organ_mask`` (eroded by the nodule radius + margin so
+    the nodule sits in the organ), at least ``avoid_mm`` from every point of ``avoid`` (e.g. the
+    real lesions, which must stay unseen) and from each other. Each nodule has a random
+    diameter, a mild random elongation, a soft (partial-volume) edge and a little texture noise.
+
+    Args:
+        image: (S, H, W) float in [0, 1]; not modified.
+        organ_mask: (S, H, W) bool where nodules may be placed (e.g. lungs).
+        spacing: (slice, row, col) voxel size in mm.
+        rng: generator (fixes positions and shapes).
+        count: number of nodules wanted (fewer when there is no room).
+        diameter_mm: (min, max) diameter.
+        intensity: (min, max) store intensity of nodule tissue (see :func:`hu_to_unit`).
+        avoid: (M, 3) store indices (slice, row, col) to stay away from.
+        avoid_mm: distance kept from ``avoid`` points and between nodules.
+        allowed_slices: optional (S,) bool; centres only on these slices (a split's slabs).
+        margin_mm: extra distance from the organ boundary.
+        noise: std of the texture noise inside nodules.
+
+    Returns:
+        ``(new_image, centres (N, 3), diameters_mm (N,))``.
+    """
+    from scipy import ndimage
+
+    spacing = np.asarray(spacing, dtype=float)
+    out = np.array(image, dtype=np.float32, copy=True)
+    mask = np.asarray(organ_mask, dtype=bool)
+    if allowed_slices is not None:
+        mask = mask & np.asarray(allowed_slices, dtype=bool)[:, None, None]
+    centres: list[np.ndarray] = []
+    diameters: list[float] = []
+    if not mask.any() or count <= 0:
+        return out, np.zeros((0, 3)), np.zeros(0)
+    dist_in = ndimage.distance_transform_edt(np.asarray(organ_mask, dtype=bool), sampling=spacing)
+    avoid_pts = np.zeros((0, 3)) if avoid is None else np.atleast_2d(np.asarray(avoid, dtype=float)).reshape(-1, 3)
+    tries = 0
+    while len(centres) < count and tries < count * 200:
+        tries += 1
+        diameter = float(rng.uniform(*diameter_mm))
+        radius = diameter / 2.0
+        ok = mask & (dist_in >= radius + margin_mm)
+        candidates = np.flatnonzero(ok)
+        if candidates.size == 0:
+            continue
+        centre = np.array(np.unravel_index(int(candidates[rng.integers(candidates.size)]), mask.shape), dtype=float)
+        others = np.concatenate([avoid_pts, np.array(centres).reshape(-1, 3)])
+        if len(others) and np.min(np.linalg.norm((others - centre) * spacing, axis=1)) < max(avoid_mm, radius * 2):
+            continue
+        radii = radius * rng.uniform(0.8, 1.2, size=3)
+        lo = np.maximum(np.floor(centre - radii / spacing - 2).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + radii / spacing + 3).astype(int), out.shape)
+        grids = np.meshgrid(*[np.arange(lo[a], hi[a]) for a in range(3)], indexing="ij")
+        # signed distance (mm, approximately) inside the ellipsoid, for a 1-voxel soft edge
+        rho = np.sqrt(sum(((grids[a] - centre[a]) * spacing[a] / radii[a]) ** 2 for a in range(3)))
+        weight = np.clip((1.0 - rho) * radius / max(float(spacing[1:].mean()), 1e-6) + 0.5, 0.0, 1.0)
+        value = float(rng.uniform(*intensity))
+        tissue = value + noise * rng.standard_normal(weight.shape)
+        region = tuple(slice(lo[a], hi[a]) for a in range(3))
+        out[region] = (1 - weight) * out[region] + weight * tissue
+        centres.append(centre)
+        diameters.append(diameter)
+    return np.clip(out, 0.0, 1.0), np.array(centres).reshape(-1, 3), np.array(diameters)

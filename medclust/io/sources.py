@@ -1,0 +1,467 @@
+"""Find the cases of a dataset, one discovery function per ``format`` of the config.
+
+Formats (``datasets.<name>.format``):
+
+- ``msd``: a Medical Segmentation Decathlon folder: ``dataset.json`` whose ``training`` list
+  pairs ``imagesTr/*.nii.gz`` with ``labelsTr/*.nii.gz`` (without ``dataset.json``, images in
+  ``imagesTr/`` are paired with same-named files in ``labelsTr/``). Modality from the config or
+  from ``dataset.json``'s ``modality``.
+- ``manifest``: a CSV (``.csv``) or TSV (``.tsv``, ``.txt``) table, one row per case, columns:
+  ``image`` (required), ``label``, ``modality``, ``class_label``, ``split`` (train/val/test),
+  ``case_id``, ``group`` (or ``source_case``/``patient_id``: cases of one group share a
+  split), ``simulated`` (all optional). Relative paths are resolved against the manifest's
+  folder. An image may be a NIfTI/MHA/NRRD file, a 2D image, or a folder holding a DICOM series.
+- ``dicom``: a folder whose sub-folders (at any depth) each hold one DICOM series, or a folder
+  that is itself one series. A one-file series is read as a 2D image (radiograph).
+- ``images``: a folder (searched recursively) of 2D PNG/JPEG/TIFF/DICOM images.
+- ``drr``: the manifest of radiographs simulated from another dataset
+  (``results/drr/{dataset}/manifest.tsv``), manifest format with ``simulated`` true by default.
+
+Problems with one row (a missing file, an unknown modality) are attached to that case as
+``error`` so that ingest can skip or fail per ``on_bad_input``; problems with the dataset itself
+(no folder, unreadable manifest, no ``image`` column) raise :class:`BadInputError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medclust.errors import BadInputError
+from medclust.io.readers import (
+    DICOM_SUFFIXES,
+    IMAGE_2D_SUFFIXES,
+    NIFTI_SUFFIXES,
+    dicom_series_ids,
+    is_dicom_file,
+)
+
+FORMATS = ("msd", "manifest", "dicom", "images", "drr")
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train", "training": "train", "tr": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test", "ts": "test",
+}
+_MODALITY_ALIASES = {
+    "CT": "CT",
+    "MR": "MR", "MRI": "MR", "T1": "MR", "T1W": "MR", "T2": "MR", "T2W": "MR", "FLAIR": "MR",
+    "XR": "XR", "CR": "XR", "DX": "XR", "X-RAY": "XR", "XRAY": "XR", "RADIOGRAPH": "XR", "DRR": "XR",
+}
+_TRUE = {"1", "true", "yes", "y", "t"}
+_FALSE = {"0", "false", "no", "n", "f", ""}
+
+
+@dataclass
+class CaseEntry:
+    """One case of a dataset as discovered (before QC).
+
+    Attributes:
+        case_id: unique id within the dataset; ``[A-Za-z0-9][A-Za-z0-9._-]*``.
+        image: image file, or folder of a DICOM series.
+        label: label map on the image's grid, if any.
+        modality: CT, MR or XR (None: unknown so far; a DICOM header may tell).
+        class_label: a per-case class for classification tasks, if any.
+        split: train/val/test fixed by a manifest, if any.
+        simulated: True for simulated radiographs.
+        series_uid: DICOM series to read when ``image`` is a folder holding several.
+        group: cases with the same group (patient; the CT a radiograph was simulated from)
+            always land in the same split.
+        error: a problem found during discovery (missing file, bad value); ingest reports it.
+    """
+
+    case_id: str
+    image: str
+    label: str | None = None
+    modality: str | None = None
+    class_label: str | int | None = None
+    split: str | None = None
+    simulated: bool = False
+    series_uid: str | None = None
+    group: str | None = None
+    error: BadInputError | None = field(default=None, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The case as written to ``results/cases/{dataset}.json`` (contract keys)."""
+        record: dict[str, Any] = {
+            "case_id": self.case_id,
+            "image": self.image,
+            "label": self.label,
+            "modality": self.modality,
+            "class_label": self.class_label,
+            "split": self.split,
+            "simulated": bool(self.simulated),
+        }
+        # Optional keys beyond the contract, only written when set.
+        if self.series_uid is not None:
+            record["series_uid"] = self.series_uid
+        if self.group is not None:
+            record["group"] = self.group
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> CaseEntry:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            case_id=str(record["case_id"]),
+            image=str(record["image"]),
+            label=record.get("label"),
+            modality=record.get("modality"),
+            class_label=record.get("class_label"),
+            split=record.get("split"),
+            simulated=bool(record.get("simulated", False)),
+            series_uid=record.get("series_uid"),
+            group=record.get("group"),
+        )
+
+
+def sanitize_case_id(name: str) -> str:
+    """Turn a file or folder name into a case id usable in file names and wildcards."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    return cleaned or "case"
+
+
+def strip_image_suffix(name: str) -> str:
+    """File name without its image suffix (``x.nii.gz`` -> ``x``)."""
+    lower = name.lower()
+    for suffix in (".nii.gz", *NIFTI_SUFFIXES, ".mha", ".mhd", ".nrrd", *IMAGE_2D_SUFFIXES, *DICOM_SUFFIXES):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def normalise_modality(value: str | None) -> str | None:
+    """Map a modality name (CT, MRI, T1, CR, DX, X-ray ...) to CT, MR or XR; None if empty.
+
+    Raises:
+        ValueError: a non-empty value that is not a known modality.
+    """
+    if value is None or str(value).strip() == "":
+        return None
+    key = str(value).strip().upper()
+    if key not in _MODALITY_ALIASES:
+        raise ValueError(f"unknown modality {value!r} (expected CT, MR or XR)")
+    return _MODALITY_ALIASES[key]
+
+
+def normalise_split(value: str | None) -> str | None:
+    """Map train/training, val/validation, test/testing to train, val, test; None if empty.
+
+    Raises:
+        ValueError: a non-empty value that is not a split name.
+    """
+    if value is None or str(value).strip() == "":
+        return None
+    key = str(value).strip().lower()
+    if key not in _SPLIT_ALIASES:
+        raise ValueError(f"split {value!r} is not train, val or test")
+    return _SPLIT_ALIASES[key]
+
+
+def _parse_bool(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    key = str(value).strip().lower()
+    if key in _TRUE:
+        return True
+    if key in _FALSE:
+        return default if key == "" else False
+    raise ValueError(f"simulated value {value!r} is not true/false")
+
+
+def _parse_class_label(value: str | None) -> str | int | None:
+    if value is None or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else text
+
+
+def _resolve(base: Path, value: str) -> str:
+    """A path from a table, resolved against ``base`` unless absolute, kept relative if base is."""
+    p = Path(os.path.expanduser(value.strip()))
+    return os.path.normpath(p if p.is_absolute() else base / p)
+
+
+def _require_path(path: str | os.PathLike[str], what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(path, f"{what} not found")
+    return p
+
+
+def read_manifest(
+    path: str | os.PathLike[str], modality: str | None = None, simulated_default: bool = False
+) -> list[CaseEntry]:
+    """Parse a CSV/TSV manifest (see the module docstring for the columns).
+
+    Args:
+        path: the manifest file; ``.tsv``/``.tab``/``.txt`` are tab-separated, ``.csv``
+            comma-separated, anything else is sniffed. Lines starting with ``#`` are ignored.
+        modality: the dataset's modality, used where a row gives none.
+        simulated_default: value of ``simulated`` where the column is absent or empty.
+
+    Returns:
+        One entry per row; a row with a missing file or a bad value carries ``error``.
+
+    Raises:
+        BadInputError: the manifest is missing, unreadable or has no ``image`` column.
+    """
+    manifest = _require_path(path, "manifest")
+    if manifest.is_dir():
+        raise BadInputError(path, "manifest must be a CSV/TSV file, not a folder")
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(path, f"cannot read manifest ({err})") from err
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise BadInputError(path, "manifest is empty (no header row)")
+    suffix = manifest.suffix.lower()
+    if suffix in (".tsv", ".tab", ".txt"):
+        delimiter = "\t"
+    elif suffix == ".csv":
+        delimiter = ","
+    else:
+        delimiter = "\t" if "\t" in lines[0] else ","
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+    if "image" not in columns:
+        raise BadInputError(path, f"manifest has no 'image' column (columns: {', '.join(columns) or 'none'})")
+    base = manifest.parent
+    entries: list[CaseEntry] = []
+    for row_number, raw in enumerate(reader, start=2):
+        row = {(k or "").strip().lower(): (v.strip() if isinstance(v, str) else v) for k, v in raw.items()}
+        image_value = row.get("image") or ""
+        where = f"{manifest.name} row {row_number}"
+        if not image_value:
+            entries.append(
+                CaseEntry(
+                    case_id=sanitize_case_id(row.get("case_id") or f"row{row_number}"),
+                    image=str(manifest),
+                    error=BadInputError(manifest, f"row {row_number}: empty 'image' value"),
+                )
+            )
+            continue
+        image = _resolve(base, image_value)
+        label = _resolve(base, row["label"]) if row.get("label") else None
+        case_id = sanitize_case_id(row.get("case_id") or strip_image_suffix(Path(image).name))
+        group = row.get("group") or row.get("source_case") or row.get("patient_id") or None
+        entry = CaseEntry(case_id=case_id, image=image, label=label, group=group)
+        try:
+            entry.modality = normalise_modality(row.get("modality")) or normalise_modality(modality)
+            entry.split = normalise_split(row.get("split"))
+            entry.class_label = _parse_class_label(row.get("class_label"))
+            entry.simulated = _parse_bool(row.get("simulated"), simulated_default)
+        except ValueError as err:
+            entry.error = BadInputError(image, f"{err} ({where})")
+        if entry.error is None and not Path(image).exists():
+            entry.error = BadInputError(image, f"file not found ({where})")
+        if entry.error is None and label is not None and not Path(label).exists():
+            entry.error = BadInputError(label, f"label file not found ({where})")
+        entries.append(entry)
+    return entries
+
+
+def _msd_modality(meta: Mapping[str, Any]) -> str | None:
+    found = meta.get("modality") or meta.get("channel_names") or {}
+    values = list(found.values()) if isinstance(found, Mapping) else [found]
+    for value in values:
+        try:
+            return normalise_modality(str(value))
+        except ValueError:
+            continue
+    return None
+
+
+def discover_msd(folder: str | os.PathLike[str], modality: str | None = None) -> list[CaseEntry]:
+    """Cases of a Medical Segmentation Decathlon style folder.
+
+    Args:
+        folder: holds ``dataset.json`` (optional), ``imagesTr/`` and ``labelsTr/``.
+        modality: overrides ``dataset.json``'s modality.
+
+    Returns:
+        One entry per training image, paired with its label.
+
+    Raises:
+        BadInputError: missing folder, unreadable ``dataset.json``, or no ``imagesTr/``.
+    """
+    root = _require_path(folder, "MSD folder")
+    meta: dict[str, Any] = {}
+    pairs: list[tuple[str, str | None]] = []
+    dataset_json = root / "dataset.json"
+    if dataset_json.is_file():
+        try:
+            meta = json.loads(dataset_json.read_text())
+        except (OSError, ValueError) as err:
+            raise BadInputError(dataset_json, f"cannot parse dataset.json ({err})") from err
+        training = meta.get("training")
+        if not isinstance(training, list):
+            raise BadInputError(dataset_json, "dataset.json has no 'training' list")
+        for item in training:
+            if isinstance(item, Mapping) and item.get("image"):
+                label = _resolve(root, str(item["label"])) if item.get("label") else None
+                pairs.append((_resolve(root, str(item["image"])), label))
+            elif isinstance(item, str):
+                pairs.append((_resolve(root, item), None))
+    else:
+        images_dir = root / "imagesTr"
+        if not images_dir.is_dir():
+            raise BadInputError(root, "not an MSD folder (no dataset.json and no imagesTr/)")
+        labels_dir = root / "labelsTr"
+        for image in sorted(images_dir.iterdir()):
+            # MSD tarballs ship macOS '._*' resource forks next to the images.
+            if image.name.startswith(".") or not image.name.lower().endswith(NIFTI_SUFFIXES):
+                continue
+            label = labels_dir / image.name
+            pairs.append((os.path.normpath(image), os.path.normpath(label) if label.exists() else None))
+    dataset_modality = normalise_modality(modality) or _msd_modality(meta)
+    entries = []
+    for image, label in pairs:
+        case_id = sanitize_case_id(strip_image_suffix(Path(image).name))
+        entry = CaseEntry(case_id=case_id, image=image, label=label, modality=dataset_modality)
+        if not Path(image).exists():
+            entry.error = BadInputError(image, "file not found (listed in dataset.json)")
+        elif label is not None and not Path(label).exists():
+            entry.error = BadInputError(label, "label file not found (listed in dataset.json)")
+        entries.append(entry)
+    return entries
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)]
+
+
+def discover_dicom(folder: str | os.PathLike[str], modality: str | None = None) -> list[CaseEntry]:
+    """Cases of a folder of DICOM series (one series per sub-folder, at any depth).
+
+    A folder that directly holds the slices of one series is one case named after the folder.
+    A folder holding several series yields one case per series (``_s0``, ``_s1`` ... by UID).
+    A one-file series is a 2D image and is read with pydicom (``MONOCHROME1`` handled).
+
+    Raises:
+        BadInputError: the folder is missing.
+    """
+    root = _require_path(folder, "DICOM folder")
+    if root.is_file():
+        case_id = sanitize_case_id(strip_image_suffix(root.name))
+        return [CaseEntry(case_id=case_id, image=os.path.normpath(root), modality=normalise_modality(modality))]
+    dataset_modality = normalise_modality(modality)
+    entries: list[CaseEntry] = []
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        files = _dicom_files(here)
+        if not files:
+            continue
+        rel = here.relative_to(root)
+        base = sanitize_case_id(root.name if str(rel) == "." else "_".join(rel.parts))
+        uids = sorted(dicom_series_ids(here))
+        if not uids:
+            problem = BadInputError(here, "DICOM files but no readable series")
+            entries.append(CaseEntry(case_id=base, image=os.path.normpath(here), modality=dataset_modality, error=problem))
+            continue
+        for k, uid in enumerate(uids):
+            case_id = base if len(uids) == 1 else f"{base}_s{k}"
+            if len(files) == 1:
+                entries.append(CaseEntry(case_id=case_id, image=os.path.normpath(files[0]), modality=dataset_modality))
+            else:
+                entries.append(
+                    CaseEntry(
+                        case_id=case_id,
+                        image=os.path.normpath(here),
+                        modality=dataset_modality,
+                        series_uid=uid if len(uids) > 1 else None,
+                    )
+                )
+    return entries
+
+
+def discover_images(folder: str | os.PathLike[str], modality: str | None = "XR") -> list[CaseEntry]:
+    """Cases of a folder of 2D images (PNG/JPEG/TIFF/BMP/DICOM), searched recursively.
+
+    Case ids are the relative path without suffix, ``/`` replaced by ``_``.
+
+    Raises:
+        BadInputError: the folder is missing.
+    """
+    root = _require_path(folder, "image folder")
+    dataset_modality = normalise_modality(modality) or "XR"
+    candidates: list[Path]
+    if root.is_file():
+        candidates, root = [root], root.parent
+    else:
+        candidates = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                p = Path(dirpath) / name
+                lower = name.lower()
+                if lower.endswith(IMAGE_2D_SUFFIXES + DICOM_SUFFIXES) or ("." not in name and is_dicom_file(p)):
+                    candidates.append(p)
+    entries = []
+    for p in candidates:
+        rel = p.relative_to(root)
+        case_id = sanitize_case_id("_".join((*rel.parts[:-1], strip_image_suffix(rel.name))))
+        entries.append(CaseEntry(case_id=case_id, image=os.path.normpath(p), modality=dataset_modality))
+    return entries
+
+
+def discover(settings: Mapping[str, Any]) -> list[CaseEntry]:
+    """Cases of one dataset, from its resolved config entry.
+
+    Args:
+        settings: the dataset's config entry (``format``, ``path``, ``modality`` ...), as the
+            workflow's ``dataset_settings`` resolves it. For ``drr`` datasets ``path`` is the
+            manifest written by the radiograph simulation.
+
+    Returns:
+        The entries in a stable order.
+
+    Raises:
+        BadInputError: the dataset itself is unusable (missing path, bad manifest).
+    """
+    fmt = settings.get("format")
+    path = settings.get("path")
+    name = settings.get("name", "<dataset>")
+    if fmt not in FORMATS:
+        raise BadInputError(name, f"unknown dataset format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if not path:
+        raise BadInputError(name, f"dataset of format {fmt} needs a 'path'")
+    try:
+        modality = normalise_modality(settings.get("modality"))
+    except ValueError as err:
+        raise BadInputError(name, str(err)) from err
+    if fmt == "msd":
+        return discover_msd(path, modality)
+    if fmt == "manifest":
+        return read_manifest(path, modality)
+    if fmt == "drr":
+        return read_manifest(path, modality or "XR", simulated_default=True)
+    if fmt == "dicom":
+        return discover_dicom(path, modality)
+    return discover_images(path, modality or "XR")
+
+
+__all__ = [
+    "FORMATS",
+    "SPLITS",
+    "CaseEntry",
+    "discover",
+    "discover_dicom",
+    "discover_images",
+    "discover_msd",
+    "normalise_modality",
+    "normalise_split",
+    "read_manifest",
+    "sanitize_case_id",
+    "strip_image_suffix",
+]

@@ -1,0 +1,491 @@
+"""Preprocess one case into the slice store: orient, resample, normalise, crop/pad, slice.
+
+Volumes (CT, MR):
+
+1. read the image (and label) in its on-disk dtype and memory order (:mod:`medclust.io.readers`);
+2. anti-alias: where the target spacing is at least twice the voxel size, average blocks of
+   ``floor(target / spacing)`` voxels (``antialias``; a 512x512 CT at 0.7 mm going to 3.75 mm
+   would otherwise alias badly). This is also the one pass over the full-size data, done in
+   slabs so the float copy never exists for the whole volume;
+3. normalise intensities on that (small) volume: CT ``ScaleIntensityRange`` over
+   ``ct_window`` HU -> [0, 1] (clipped); MR and XR the ``*_percentiles`` range -> [0, 1]
+   (clipped, as ``ScaleIntensityRangePercentiles``; the percentile values are recorded);
+4. the output grid comes from MONAI's ``Orientation("RAS")``, ``Spacing(spacing)`` and
+   ``ResizeWithPadOrCrop`` (in-plane ``size``, all slices kept) applied lazily to the original
+   image's geometry, and the image is resampled onto it once with ``SpatialResample``
+   (bilinear; outside the field of view 0, i.e. the bottom of the window/range); the label
+   map is resampled from its full-resolution grid onto the same grid with nearest neighbour
+   (a direct index lookup, equivalent to ``SpatialResample(mode="nearest")``);
+5. slices: ``np.moveaxis(volume_xyz, slice_axis, 0)``; ``store_affine`` is the affine of that
+   output grid, so ``store_affine @ (x, y, z, 1)`` is the RAS world position of a stored voxel.
+
+2D images (radiographs, S = 1) are not reoriented (a radiograph has no RAS frame; MONAI's 2D
+axis order, column then row, is kept). They are resampled to the isotropic spacing at which the
+whole image just fits ``size`` (keeping the aspect ratio: ``s = max(nx * sx / size[0],
+ny * sy / size[1])``) and centre-padded to ``size``; ``target_spacing`` records ``s``.
+Pixel spacing comes from the DICOM header (``PixelSpacing``/``ImagerPixelSpacing``) or the
+NIfTI affine, 1 mm for PNG/JPEG. ``slice_axis`` is 2 for them whatever the config says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medclust.errors import BadInputError, MedclustError
+from medclust.io.readers import ImageData, load_image
+from medclust.io.slice_store import write_case
+from medclust.io.sources import CaseEntry, normalise_modality
+
+log = logging.getLogger(__name__)
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+_SLAB_VOXELS = 1 << 24  # float32 voxels converted at a time while anti-aliasing (64 MB)
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """The ``preprocess`` block of the config (defaults come from the config schema).
+
+    Attributes:
+        spacing: target voxel size in mm along RAS x, y, z (volumes).
+        size: in-plane size (pixels) after centre crop/pad, along the two non-slice axes in order.
+        slice_axis: RAS axis along which slices are taken (2 = axial).
+        ct_window: HU range mapped to [0, 1] for CT.
+        mr_percentiles: percentile range mapped to [0, 1] for MR.
+        xr_percentiles: percentile range mapped to [0, 1] for X-ray images.
+        dtype: storage type of the image (float16 or float32).
+        antialias: block-average before downsampling by 2x or more.
+    """
+
+    spacing: tuple[float, float, float]
+    size: tuple[int, int]
+    slice_axis: int
+    ct_window: tuple[float, float]
+    mr_percentiles: tuple[float, float]
+    xr_percentiles: tuple[float, float]
+    dtype: str
+    antialias: bool
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None) -> PreprocessSettings:
+        """Settings from a (partial) ``preprocess`` block; missing keys take the schema defaults.
+
+        Raises:
+            MedclustError: an unknown key or a value of the wrong shape.
+        """
+        from medclust.config import load_schema
+
+        values = dict(values or {})
+        schema = load_schema()["properties"]["preprocess"]["properties"]
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MedclustError(f"preprocess settings: unknown key(s) {', '.join(unknown)}")
+        merged = {name: values.get(name, schema[name].get("default")) for name in known}
+        try:
+            settings = cls(
+                spacing=tuple(float(v) for v in merged["spacing"]),  # type: ignore[arg-type]
+                size=tuple(int(v) for v in merged["size"]),  # type: ignore[arg-type]
+                slice_axis=int(merged["slice_axis"]),
+                ct_window=tuple(float(v) for v in merged["ct_window"]),  # type: ignore[arg-type]
+                mr_percentiles=tuple(float(v) for v in merged["mr_percentiles"]),  # type: ignore[arg-type]
+                xr_percentiles=tuple(float(v) for v in merged["xr_percentiles"]),  # type: ignore[arg-type]
+                dtype=str(merged["dtype"]),
+                antialias=bool(merged["antialias"]),
+            )
+        except (TypeError, ValueError) as err:
+            raise MedclustError(f"preprocess settings: {err}") from err
+        if len(settings.spacing) != 3 or min(settings.spacing) <= 0:
+            raise MedclustError(f"preprocess.spacing must be 3 positive numbers, got {settings.spacing}")
+        if len(settings.size) != 2 or min(settings.size) < 1:
+            raise MedclustError(f"preprocess.size must be 2 positive integers, got {settings.size}")
+        if settings.slice_axis not in (0, 1, 2):
+            raise MedclustError(f"preprocess.slice_axis must be 0, 1 or 2, got {settings.slice_axis}")
+        if settings.dtype not in ("float16", "float32"):
+            raise MedclustError(f"preprocess.dtype must be float16 or float32, got {settings.dtype}")
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+@dataclass
+class PreprocessedCase:
+    """The result of :func:`preprocess_image`.
+
+    Attributes:
+        image: ``(S, H, W)`` float32 in [0, 1].
+        label: ``(S, H, W)`` integer label map or None.
+        store_affine: 4x4 affine of the stored volume (x, y, z order, before slicing).
+        target_spacing: spacing of the stored grid in mm (x, y, z).
+        slice_axis: axis of the stored volume that became axis 0.
+        z_positions_mm: position of each slice along the slice direction (mm).
+        normalisation: what intensity mapping was applied.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    store_affine: np.ndarray
+    target_spacing: list[float]
+    slice_axis: int
+    z_positions_mm: list[float]
+    normalisation: dict[str, Any]
+
+
+# --- geometry helpers -------------------------------------------------------------------------
+
+
+def _as_volume(data: ImageData) -> tuple[np.ndarray, np.ndarray]:
+    """Native array as 3D (2D images get a trailing z axis) and its affine."""
+    array = data.array if data.array.ndim == 3 else data.array[..., None]
+    return array, np.asarray(data.affine, dtype=np.float64)
+
+
+def _c_order(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A C-contiguous view of ``array`` (no copy for C- or Fortran-ordered input) + its affine.
+
+    NIfTI data are Fortran-ordered, DICOM-via-SimpleITK arrays are transposed C arrays: both
+    are C-contiguous once the axes are reversed, which only permutes the affine's columns.
+    The flag says whether the axes were reversed.
+    """
+    if array.flags.c_contiguous:
+        return array, affine, False
+    if array.flags.f_contiguous:
+        perm = np.eye(4)[:, [2, 1, 0, 3]]
+        return array.T, affine @ perm, True
+    return np.ascontiguousarray(array), affine, False
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """Native byte order and a dtype torch understands (uint16/uint32 -> float32)."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype.kind == "b" or array.dtype in (np.uint16, np.uint32, np.uint64, np.int8):
+        array = array.astype(np.float32)
+    return array
+
+
+def _integer_labels(array: np.ndarray) -> np.ndarray:
+    """Label values as integers (float label files hold integral values; QC checked)."""
+    if array.dtype.kind in "iu":
+        return array
+    return np.rint(array).astype(np.int32)
+
+
+def _block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> Any:
+    """Average ``factors``-sized blocks (last partial block over its valid voxels), in slabs.
+
+    Returns a float32 torch tensor ``(ceil(n / k) ...)``; for all-ones factors just the float
+    copy.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    with warnings.catch_warnings():
+        # Read-only views (SimpleITK buffers, in-memory NIfTI) are only ever read here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        source = torch.from_numpy(_native(array))
+    if factors == (1, 1, 1):
+        return source.to(torch.float32)
+    k0 = factors[0]
+    plane = int(np.prod(array.shape[1:]))
+    step = max(k0, (_SLAB_VOXELS // max(plane, 1)) // k0 * k0)
+    out_shape = [math.ceil(n / k) for n, k in zip(array.shape, factors)]
+    out = torch.empty(out_shape, dtype=torch.float32)
+    for start in range(0, array.shape[0], step):
+        slab = source[start : start + step].to(torch.float32)
+        pooled = F.avg_pool3d(slab[None, None], kernel_size=factors, stride=factors, ceil_mode=True)[0, 0]
+        out[start // k0 : start // k0 + pooled.shape[0]] = pooled
+    return out
+
+
+def _block_affine(affine: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Affine of the block-averaged grid: voxel j is the centre of source voxels k*j .. k*j+k-1."""
+    scale = np.eye(4)
+    for axis, k in enumerate(factors):
+        scale[axis, axis] = k
+        scale[axis, 3] = (k - 1) / 2.0
+    return affine @ scale
+
+
+def _antialias_factors(affine: np.ndarray, grid_affine: np.ndarray) -> tuple[int, int, int]:
+    """Per source axis, how many voxels fit in one output voxel along it (floor, >= 1)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    grid_spacing = np.linalg.norm(grid_affine[:3, :3], axis=0)
+    cosines = np.abs((affine[:3, :3] / spacing).T @ (grid_affine[:3, :3] / grid_spacing))
+    target = grid_spacing[np.argmax(cosines, axis=1)]
+    return tuple(max(1, int(math.floor(t / s + 1e-6))) for t, s in zip(target, spacing))  # type: ignore[return-value]
+
+
+def _target_grid(
+    shape: tuple[int, ...], affine: np.ndarray, pixdim: tuple[float, float, float], size_xyz: list[int], reorient: bool
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Output grid (affine, shape) of Orientation(RAS) -> Spacing -> ResizeWithPadOrCrop.
+
+    The MONAI transforms run lazily on a zero-stride stand-in with the image's shape and
+    affine, so nothing is resampled here; the result is the grid the eager chain would produce.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, ResizeWithPadOrCrop, Spacing
+
+    stand_in = MetaTensor(torch.zeros(1).expand(1, *shape), affine=torch.as_tensor(affine, dtype=torch.float64))
+    if reorient:
+        stand_in = Orientation(axcodes="RAS", labels=_RAS_LABELS, lazy=True)(stand_in)
+    stand_in = Spacing(pixdim=pixdim, lazy=True)(stand_in)
+    stand_in = ResizeWithPadOrCrop(spatial_size=size_xyz, lazy=True)(stand_in)
+    grid_affine = np.asarray(stand_in.peek_pending_affine(), dtype=np.float64)
+    grid_shape = tuple(int(s) for s in stand_in.peek_pending_shape())
+    return grid_affine, grid_shape  # type: ignore[return-value]
+
+
+def _resample(
+    values: Any, affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, int, int], mode: str
+) -> np.ndarray:
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    if isinstance(values, MetaTensor):  # keep only the data: the affine is given explicitly
+        values = values.as_tensor()
+    src = MetaTensor(values[None], affine=torch.as_tensor(affine, dtype=torch.float64))
+    out = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
+        src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=dst_shape
+    )
+    return np.asarray(out.detach().cpu().numpy()[0])
+
+
+def _nearest_lookup(
+    values: np.ndarray, affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, int, int]
+) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map by direct index lookup (0 outside).
+
+    Gives what MONAI ``SpatialResample(mode="nearest")`` gives (voxel centres at integer
+    indices, ties rounded half to even like ``grid_sample``) without its float32 copy of the
+    whole label map and its sampling grid: labels keep their integer type, and an axis-aligned
+    transform (the usual case: flips, permutation, scaling) is one ``np.ix_`` gather.
+    """
+    xform = np.linalg.solve(affine, dst_affine)  # output voxel -> source voxel
+    linear, offset = xform[:3, :3], xform[:3, 3]
+    src_shape = np.asarray(values.shape)
+    nonzero = np.abs(linear) > 1e-9 * np.abs(linear).max()
+    if (nonzero.sum(axis=0) == 1).all() and (nonzero.sum(axis=1) == 1).all():
+        src_axis = nonzero.argmax(axis=0)  # the source axis each output axis runs along
+        index, valid = [], []
+        for j in range(3):
+            a = src_axis[j]
+            pos = np.rint(linear[a, j] * np.arange(dst_shape[j]) + offset[a]).astype(np.int64)
+            valid.append((pos >= 0) & (pos < src_shape[a]))
+            index.append(np.clip(pos, 0, src_shape[a] - 1))
+        order = np.argsort(src_axis)  # output axes in source-axis order, for np.ix_
+        gathered = np.transpose(values[np.ix_(*[index[j] for j in order])], np.argsort(order))
+        inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
+        return np.where(inside, gathered, 0).astype(values.dtype, copy=False)
+    out = np.zeros(dst_shape, dtype=values.dtype)
+    plane = np.indices(dst_shape[1:]).reshape(2, -1)
+    for i in range(dst_shape[0]):  # one output slab at a time bounds the index arrays' memory
+        points = np.rint(linear @ np.vstack([np.full(plane.shape[1], i), plane]) + offset[:, None]).astype(np.int64)
+        ok = np.all((points >= 0) & (points < src_shape[:, None]), axis=0)
+        flat = np.zeros(plane.shape[1], dtype=values.dtype)
+        flat[ok] = values[points[0, ok], points[1, ok], points[2, ok]]
+        out[i] = flat.reshape(dst_shape[1:])
+    return out
+
+
+def _normalise(values: Any, modality: str, settings: PreprocessSettings) -> tuple[Any, dict[str, Any]]:
+    """Map intensities to [0, 1] (clipped) by modality; returns the tensor and a record of it."""
+    from monai.transforms import ScaleIntensityRange
+    from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+    if modality == "CT":
+        lo, hi = settings.ct_window
+        record: dict[str, Any] = {"method": "ct_window", "window_hu": [lo, hi]}
+    else:
+        q = settings.mr_percentiles if modality == "MR" else settings.xr_percentiles
+        lo, hi = (float(v) for v in percentile(values, list(q)))
+        record = {"method": "percentiles", "percentiles": list(q), "values": [lo, hi]}
+    if not hi > lo:  # QC rejects constant images; guard the division for near-constant ones
+        hi = lo + 1.0
+    record.update({"output_range": [0.0, 1.0], "clip": True})
+    scaled = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=None)(values)
+    return scaled, record
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+def preprocess_image(
+    image: ImageData,
+    modality: str,
+    settings: PreprocessSettings,
+    label: ImageData | None = None,
+) -> PreprocessedCase:
+    """Preprocess one loaded image (and its label map) into slice-store arrays.
+
+    Args:
+        image: the image as read by :func:`medclust.io.readers.load_image`.
+        modality: CT, MR or XR.
+        settings: the resolved ``preprocess`` settings.
+        label: label map on the same grid as ``image``, if any.
+
+    Returns:
+        Slices, label slices, the stored grid's affine and the metadata of the transform.
+
+    Raises:
+        BadInputError: the label grid differs from the image grid.
+    """
+    import torch
+
+    modality = normalise_modality(modality) or "CT"
+    volume, affine = _as_volume(image)
+    is_2d = image.is_2d
+    if label is not None:
+        lab_volume, lab_affine = _as_volume(label)
+        if lab_volume.shape != volume.shape or not np.allclose(lab_affine, affine, atol=1e-3 * max(image.spacing)):
+            raise BadInputError(label.path, f"label grid {lab_volume.shape} differs from image grid {volume.shape}")
+
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if is_2d:
+        fit = max(volume.shape[0] * spacing[0] / settings.size[0], volume.shape[1] * spacing[1] / settings.size[1])
+        pixdim = (fit, fit, float(spacing[2]))
+        size_xyz = [settings.size[0], settings.size[1], -1]
+        slice_axis = 2
+    else:
+        pixdim = settings.spacing
+        slice_axis = settings.slice_axis
+        size_xyz = list(settings.size)
+        size_xyz.insert(slice_axis, -1)
+
+    grid_affine, grid_shape = _target_grid(volume.shape, affine, pixdim, size_xyz, reorient=not is_2d)
+
+    data, data_affine, reversed_axes = _c_order(volume, affine)
+    factors = _antialias_factors(data_affine, grid_affine) if settings.antialias else (1, 1, 1)
+    with torch.inference_mode():
+        reduced = _block_mean(data, factors)
+        reduced_affine = _block_affine(data_affine, factors)
+        reduced, normalisation = _normalise(reduced, modality, settings)
+        out = _resample(reduced, reduced_affine, grid_affine, grid_shape, mode="bilinear")
+        out = np.clip(out, 0.0, 1.0, out=out)
+        out_label = None
+        if label is not None:
+            lab_volume, lab_affine = _as_volume(label)
+            out_label = _nearest_lookup(_integer_labels(lab_volume), lab_affine, grid_affine, grid_shape)
+    # Block size per axis of the original (x, y, z) grid.
+    normalisation["antialias_block"] = list(factors[::-1] if reversed_axes else factors)
+
+    slices = np.moveaxis(out, slice_axis, 0)
+    label_slices = np.moveaxis(out_label, slice_axis, 0) if out_label is not None else None
+    direction = grid_affine[:3, slice_axis]
+    unit = direction / np.linalg.norm(direction)
+    z_positions = [float(unit @ (grid_affine[:3, 3] + direction * k)) for k in range(slices.shape[0])]
+    target_spacing = [float(v) for v in np.linalg.norm(grid_affine[:3, :3], axis=0)]
+    return PreprocessedCase(
+        image=np.ascontiguousarray(slices),
+        label=np.ascontiguousarray(label_slices) if label_slices is not None else None,
+        store_affine=grid_affine,
+        target_spacing=target_spacing,
+        slice_axis=slice_axis,
+        z_positions_mm=z_positions,
+        normalisation=normalisation,
+    )
+
+
+def source_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, or of a folder (DICOM series): over its sorted relative names and contents."""
+    p = Path(path)
+    digest = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        if p.is_dir():
+            digest.update(str(f.relative_to(p)).encode() + b"\0")
+        with open(f, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def preprocess_case(
+    case: CaseEntry | Mapping[str, Any],
+    settings: PreprocessSettings | Mapping[str, Any],
+    out_path: str | os.PathLike[str],
+    dataset: str,
+) -> Path:
+    """Load one case, preprocess it and write ``{case}.h5`` atomically.
+
+    Args:
+        case: an entry of ``results/cases/{dataset}.json``.
+        settings: the dataset's resolved ``preprocess`` block.
+        out_path: the ``.h5`` file to write.
+        dataset: dataset name recorded in the file.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        BadInputError: the image or label cannot be read or does not match.
+    """
+    from medclust import __version__
+
+    entry = case if isinstance(case, CaseEntry) else CaseEntry.from_dict(case)
+    prep = settings if isinstance(settings, PreprocessSettings) else PreprocessSettings.from_dict(settings)
+    started = time.perf_counter()
+    image = load_image(entry.image, entry.series_uid)
+    label = load_image(entry.label) if entry.label else None
+    loaded = time.perf_counter()
+    modality = entry.modality or image.modality
+    if modality is None:
+        raise BadInputError(entry.image, "modality unknown: set `modality` for the dataset or in the manifest")
+    result = preprocess_image(image, modality, prep, label)
+    spatial_shape = list(image.array.shape)
+    attrs: dict[str, Any] = {
+        "case_id": entry.case_id,
+        "dataset": dataset,
+        "modality": modality,
+        "simulated": bool(entry.simulated),
+        "source_path": str(entry.image),
+        "source_sha256": image.meta.get("sha256") or source_sha256(entry.image),
+        "label_path": str(entry.label or ""),
+        "label_sha256": (label.meta.get("sha256") or source_sha256(entry.label)) if label is not None else "",
+        "original_shape": spatial_shape,
+        "original_spacing": list(image.spacing),
+        "original_affine": np.asarray(image.affine, dtype=np.float64),
+        "store_affine": result.store_affine,
+        "target_spacing": result.target_spacing,
+        "slice_axis": result.slice_axis,
+        "z_positions_mm": result.z_positions_mm,
+        "normalisation": json.dumps(result.normalisation),
+        "preprocess": json.dumps(prep.to_dict()),
+        "medclust_version": __version__,
+    }
+    if "spacing_source" in image.meta:  # 2D files: where the pixel spacing came from
+        attrs["spacing_source"] = image.meta["spacing_source"]
+    if entry.class_label is not None:
+        attrs["class_label"] = entry.class_label
+    if entry.split is not None:
+        attrs["split"] = entry.split
+    write_case(out_path, result.image, attrs, label=result.label, dtype=prep.dtype)
+    log.info(
+        "%s: %s %s -> %s in %.2f s (load %.2f s)",
+        entry.case_id,
+        modality,
+        "x".join(map(str, spatial_shape)),
+        "x".join(map(str, result.image.shape)),
+        time.perf_counter() - started,
+        loaded - started,
+    )
+    return Path(out_path)
+
+
+__all__ = ["PreprocessSettings", "PreprocessedCase", "preprocess_case", "preprocess_image", "source_sha256"]

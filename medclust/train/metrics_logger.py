@@ -1,0 +1,105 @@
+"""Training log: ``metrics.csv`` and TensorBoard scalars in the run's output folder.
+
+The rows logged so far also travel inside every checkpoint, so that a resumed run rewrites
+``metrics.csv`` from them: the file is a declared Snakemake output and is deleted when a job
+fails, but the run's history must not be.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from medclust.io.atomic import atomic_path
+
+__all__ = ["MetricsLogger"]
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+class MetricsLogger:
+    """Append rows to ``metrics.csv`` and scalars to TensorBoard (rank 0 only).
+
+    Args:
+        out_dir: the run's output folder.
+        enabled: False on non-zero ranks (nothing is written, history is still kept).
+        history: rows restored from a checkpoint; rows after ``resume_step`` are dropped.
+        resume_step: the step training resumes from (TensorBoard events after it are purged).
+        tensorboard: also write TensorBoard event files under ``out_dir/tensorboard``.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        enabled: bool = True,
+        history: list[dict[str, Any]] | None = None,
+        resume_step: int = 0,
+        tensorboard: bool = True,
+    ) -> None:
+        self.path = Path(out_dir) / "metrics.csv"
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = [dict(r) for r in (history or []) if int(r["step"]) <= resume_step]
+        self.columns: list[str] = []
+        for row in self.rows:
+            self._extend_columns(row)
+        self._writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._rewrite()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a declared dependency; a broken install only loses TB
+                log.warning("tensorboard is not importable: metrics go to metrics.csv only")
+            else:
+                self._writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def _extend_columns(self, row: dict[str, Any]) -> bool:
+        new = [k for k in row if k not in self.columns]
+        self.columns.extend(new)
+        if "step" in self.columns and self.columns[0] != "step":
+            self.columns.remove("step")
+            self.columns.insert(0, "step")
+        return bool(new)
+
+    def _rewrite(self) -> None:
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as handle:
+                if self.columns:
+                    writer = csv.DictWriter(handle, fieldnames=self.columns, restval="")
+                    writer.writeheader()
+                    writer.writerows({k: _fmt(v) for k, v in r.items()} for r in self.rows)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Record one row (``step`` plus ``values``)."""
+        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
+        self.rows.append(row)
+        grew = self._extend_columns(row)
+        if not self.enabled:
+            return
+        if grew:
+            self._rewrite()  # a new column (e.g. a loss that starts after warm-up): rewrite with the wider header
+        else:
+            with open(self.path, "a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=self.columns, restval="").writerow({k: _fmt(v) for k, v in row.items()})
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,543 @@
+"""Pretraining recipe: the joint 2D/3D intra-inter contrastive clustering task and its baselines.
+
+Methods (config ``pretrain.methods``):
+
+- ``joint`` — ``w_intra * L_intra + w_inter * L_inter + w_mask * L_mask`` in one run. L_intra
+  is SwAV between two views of every 2D item (slices and radiographs); L_inter is SwAV between
+  two views of every volume at the volume-embedding level (own prototypes); L_mask predicts the
+  stop-gradient slice embeddings of masked slice tokens. ``warmup_2d_steps`` stages it (2D
+  objective only first), as the paper's separate stages did.
+- ``swav2d`` — the 2D SwAV objective only.
+- ``deepcluster2d`` — DeepCluster-v2: a memory bank of 2D embeddings, spherical k-means once per
+  epoch, prototypes set to the centroids, cross-entropy to the assignments.
+- ``none`` — the seeded random initialisation, not trained (the study's baseline).
+
+Cost control of the 3D branch: both views of a volume go through the slice encoder in the same
+pass as the 2D items (one call when the sizes match) and only kept, non-padded slices are
+encoded. The two views share a z window, so a slice kept by both views is also a 2D item with
+two views: those embeddings feed L_intra too (``volume_slices_in_2d``), and the 3D objectives
+cost little beyond the slice attention. The masked objective's targets are the (stop-gradient)
+slice embeddings of that same pass, and one masked attention pass serves both the masked and
+the inter objective (masking doubles as a volume-level augmentation).
+
+Outputs of :func:`run_pretraining` in ``out_dir``: ``metrics.csv`` and ``tensorboard/`` (by the
+trainer), ``embeddings.npz``, ``provenance.json``, ``slice_encoder.pt`` and, written last,
+``encoder.pt`` (the MONAI ``ResNetEncoder`` state dict that ``FlexibleUNet(...).encoder`` loads
+with ``strict=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from medclust.config import load_schema
+from medclust.data.augment import AugmentSettings
+from medclust.data.pretrain_datasets import (
+    CaseArrays,
+    PretrainBatches,
+    PretrainCase,
+    collect_cases,
+    eval_volume_indices,
+    item_table,
+    plan_epoch,
+    resize_slices,
+    volume_table,
+)
+from medclust.errors import MedclustError
+from medclust.io.atomic import atomic_path
+from medclust.losses import Agreement3DLoss, DeepClusterLoss, MaskedEmbeddingLoss, MemoryBank, SwAVLoss
+from medclust.models import JointModel, SliceAttention, SliceEncoder, masked_mean, normalize_prototypes_, set_prototypes_frozen
+from medclust.provenance import write_provenance
+from medclust.train.distributed import DistContext
+from medclust.train.seeding import derive_seed, loader_generator, worker_init_fn
+from medclust.train.trainer import Trainer, TrainerConfig
+
+__all__ = [
+    "METHODS",
+    "THREE_D_KEYS",
+    "PretrainTask",
+    "build_joint_model",
+    "export_embeddings",
+    "resolve_settings",
+    "run_pretraining",
+]
+
+log = logging.getLogger("medclust.pretrain")
+
+METHODS = ("joint", "swav2d", "deepcluster2d", "none")
+#: settings only the joint method reads; other methods run with their schema defaults, so that
+#: tuning the 3D branch does not invalidate (re-trigger) the 2D baselines (the Snakemake rule
+#: leaves them out of those methods' params: PRETRAIN_3D_KEYS in workflow/rules/common.smk)
+THREE_D_KEYS = (
+    "w_intra", "w_inter", "w_mask", "warmup_2d_steps", "heads", "points", "layers", "k_3d",
+    "mask_ratio", "mask_loss", "s_max", "batch_size_3d", "volume_size", "queue_length_3d", "volume_slices_in_2d",
+)
+# keys that change how fast a run goes or what it logs, not what it learns
+_RUNTIME_KEYS = ("num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "compile", "progress", "tensorboard", "methods")
+METRIC_COLUMNS = ("step", "loss", "loss_intra", "loss_inter", "loss_mask", "lr", "items_per_s")
+
+
+def _pretrain_schema() -> dict[str, Any]:
+    return load_schema()["properties"]["pretrain"]
+
+
+def _defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, sub in schema.get("properties", {}).items():
+        if "default" in sub:
+            value = copy.deepcopy(sub["default"])
+            if isinstance(value, dict) and sub.get("type") == "object":
+                value = {**_defaults(sub), **value}
+            out[key] = value
+    return out
+
+
+def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``pretrain`` settings with every schema default filled in (plus ``seed``, default 0).
+
+    Args:
+        settings: a (possibly partial) ``pretrain`` section; may hold the global ``seed``.
+
+    Returns:
+        A new dict.
+    """
+    schema = _pretrain_schema()
+    resolved = _defaults(schema)
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and isinstance(resolved.get(key), dict):
+            resolved[key] = {**resolved[key], **value}
+        else:
+            resolved[key] = copy.deepcopy(value)
+    resolved.setdefault("seed", 0)
+    return resolved
+
+
+def build_joint_model(s: Mapping[str, Any]) -> JointModel:
+    """Encoder + slice attention + heads + prototypes from resolved settings."""
+    encoder = SliceEncoder(s["backbone"], d_model=s["d_model"])
+    attention = SliceAttention(s["d_model"], heads=s["heads"], points=s["points"], layers=s["layers"])
+    return JointModel(encoder, attention, d_model=s["d_model"], proj_dim=s["proj_dim"], k_2d=s["k_2d"], k_3d=s["k_3d"], mask_ratio=s["mask_ratio"])
+
+
+class PretrainTask:
+    """A :class:`~medclust.train.TrainTask` for one pretraining method.
+
+    Args:
+        method: ``joint``, ``swav2d``, ``deepcluster2d`` or ``none``.
+        settings: resolved ``pretrain`` settings (:func:`resolve_settings`).
+        cases: the cases to train on.
+        arrays: their slices (built from ``cases`` when not given).
+    """
+
+    def __init__(self, method: str, settings: Mapping[str, Any], cases: Sequence[PretrainCase], arrays: CaseArrays | None = None) -> None:
+        if method not in METHODS:
+            raise MedclustError(f"pretrain: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        self.method = method
+        self.s = dict(settings)
+        self.seed = int(self.s.get("seed", 0))
+        self.cases = list(cases)
+        self.arrays = arrays if arrays is not None else CaseArrays(self.cases, in_memory=self.s["cache_in_memory"])
+        self.augment = AugmentSettings.from_dict(self.s["augment"])
+        self.num_items = len(item_table(self.arrays))
+        self.uses_3d = method == "joint" and (self.s["w_inter"] > 0 or self.s["w_mask"] > 0) and self.s["batch_size_3d"] > 0
+        self.num_volumes = len(volume_table(self.arrays)) if self.uses_3d else 0
+        if self.num_items == 0:
+            raise MedclustError("pretrain: the selected datasets and splits hold no images")
+        if self.uses_3d and self.num_volumes == 0:
+            log.warning("pretrain: no volume (>= 2 slices) among the cases; the joint method trains its 2D objective only")
+        self.context = DistContext()
+        t, eps, iters, proj = self.s["temperature"], self.s["epsilon"], self.s["sinkhorn_iterations"], self.s["proj_dim"]
+        self.swav = SwAVLoss(t, eps, iters, queue_length=self.s["queue_length"], feature_dim=proj)
+        self.agree = Agreement3DLoss(t, eps, iters, queue_length=self.s["queue_length_3d"], feature_dim=proj)
+        self.masked = MaskedEmbeddingLoss(self.s["mask_loss"])
+        self.dc_loss = DeepClusterLoss(t)
+        self.bank: MemoryBank | None = None
+        self.assignments: Tensor | None = None
+
+    # -- TrainTask -------------------------------------------------------------------------------
+
+    def setup(self, context: DistContext) -> None:
+        """Keep the device and rank; size the per-rank memory bank."""
+        self.context = context
+        ws = context.world_size
+        b2, b3 = self.s["batch_size_2d"], self.s["batch_size_3d"] if self.uses_3d else 0
+        if b2 % ws or b3 % ws:
+            raise MedclustError(f"pretrain: batch_size_2d={b2} and batch_size_3d={b3} must be divisible by the {ws} training processes")
+        for module in (self.swav, self.agree):
+            module.to(context.device)
+        if self.method == "deepcluster2d":
+            steps = max(1, self.num_items // b2)
+            size = self.s["deepcluster"]["memory_size"] or steps * (b2 // ws)
+            self.bank = MemoryBank(size, self.s["proj_dim"]).to(context.device)
+            self.assignments = torch.full((self.num_items,), -1, dtype=torch.long, device=context.device)
+
+    def build_model(self) -> nn.Module:
+        """The joint model (all methods share it; 2D methods leave the 3D parts untouched)."""
+        return build_joint_model(self.s)
+
+    def signature(self) -> dict[str, Any]:
+        """Settings and data that identify the run (a checkpoint of another run is discarded)."""
+        learn = {k: v for k, v in self.s.items() if k not in _RUNTIME_KEYS}
+        return {"method": self.method, "settings": learn, "cases": [(c.dataset, c.case_id) for c in self.cases]}
+
+    def _plans(self, epoch: int, rank: int, world_size: int) -> list[Any]:
+        return plan_epoch(
+            self.num_items,
+            self.num_volumes,
+            self.s["batch_size_2d"],
+            self.s["batch_size_3d"] if self.uses_3d else 0,
+            self.seed,
+            epoch,
+            rank,
+            world_size,
+        )
+
+    def batches(self, epoch: int, rank: int, world_size: int, start: int = 0) -> DataLoader:
+        """This rank's batches of ``epoch``, from batch ``start`` on (workers build whole batches)."""
+        plans = self._plans(epoch, rank, world_size)[start:]
+        dataset = PretrainBatches(self.arrays, plans, self.s["view_size"], self.s["volume_size"], self.s["s_max"], self.augment)
+        workers = int(self.s["num_workers"])
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            worker_init_fn=worker_init_fn if workers else None,
+            generator=loader_generator(self.seed, epoch),
+            pin_memory=self.context.device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+            persistent_workers=False,
+        )
+
+    def batch_size(self, batch: Mapping[str, Tensor]) -> int:
+        """2D items plus volumes in a batch (the items/s unit)."""
+        n = int(batch["views2d"].shape[1]) if "views2d" in batch else 0
+        return n + (int(batch["volumes"].shape[1]) if "volumes" in batch else 0)
+
+    @torch.no_grad()
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        """DeepCluster-v2: (fill the bank on the first epoch,) k-means, prototypes := centroids."""
+        if self.method != "deepcluster2d" or self.bank is None:
+            return
+        jm = _unwrap(model)
+        if epoch == 0 and int((self.bank.indices >= 0).sum()) == 0:
+            # the first clustering needs embeddings: one forward pass over this epoch's batches
+            for batch in self.batches(epoch, self.context.rank, self.context.world_size):
+                views = batch["views2d"].to(self.context.device)
+                self.bank.add(jm.project_2d(jm.embed_slices(views[0])), batch["index2d"].to(self.context.device))
+        dc = self.s["deepcluster"]
+        centroids, table = self.bank.cluster(self.s["k_2d"], self.num_items, iterations=dc["kmeans_iterations"], seed=derive_seed(self.seed, epoch, 0xDC))
+        jm.prototypes_2d.load_centroids_(centroids)
+        self.assignments = table.to(self.context.device)
+
+    def training_step(self, model: nn.Module, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+        """One step of the method's objective; returns the total and each term."""
+        jm = _unwrap(model)
+        set_prototypes_frozen(jm, step, self.s["freeze_prototypes_steps"])
+        if self.method == "deepcluster2d":
+            return self._deepcluster_step(jm, batch)
+        views = batch["views2d"]
+        n = views.shape[1]
+        images = views.flatten(0, 1)  # (2n, 1, h, w): view 1 then view 2
+        use_3d = self.uses_3d and "volumes" in batch and step >= self.s["warmup_2d_steps"]
+        if not use_3d:
+            emb2d = jm.embed_slices(images)
+            loss_intra = self._swav(jm, emb2d, n)
+            return {"loss": loss_intra, "loss_intra": loss_intra} if self.method != "joint" else self._joint_out(loss_intra)
+
+        vols, valid, z_mm = batch["volumes"], batch["valid"], batch["z_mm"]
+        _, b, s_max, hv, wv = vols.shape
+        valid = valid.reshape(2 * b, s_max)
+        real = vols.reshape(2 * b, s_max, hv, wv)[valid][:, None]  # (R, 1, hv, wv): padding never encoded
+        if images.shape[-2:] == real.shape[-2:]:
+            emb = jm.embed_slices(torch.cat([images, real]))
+            emb2d, emb_real = emb[: 2 * n], emb[2 * n :]
+        else:
+            emb2d, emb_real = jm.embed_slices(images), jm.embed_slices(real)
+        tokens = emb_real.new_zeros(2 * b, s_max, emb_real.shape[-1]).masked_scatter(valid[..., None], emb_real)
+        if self.s["volume_slices_in_2d"]:
+            # slices kept by both views of a volume are two views of one 2D item: reuse them
+            paired = valid[:b] & valid[b:]
+            emb2d = torch.cat([emb2d[:n], tokens[:b][paired], emb2d[n:], tokens[b:][paired]])
+            n = n + int(paired.sum())
+        loss_intra = self._swav(jm, emb2d, n)
+        mask = jm.sample_mask(valid) if self.s["w_mask"] > 0 else None
+        token_out, volume = jm.embed_volume(tokens, z_mm.reshape(2 * b, s_max), valid, mask)
+        scores = jm.prototypes_3d(volume)
+        loss_inter = self.agree(scores[:b], scores[b:], volume[:b], volume[b:], jm.prototypes_3d)
+        loss_mask = self.masked(jm.predict_masked(token_out), tokens, mask) if mask is not None else loss_inter.new_zeros(())
+        return self._joint_out(loss_intra, loss_inter, loss_mask)
+
+    def _swav(self, jm: JointModel, emb2d: Tensor, n: int) -> Tensor:
+        z = jm.project_2d(emb2d)
+        scores = jm.prototypes_2d(z)
+        return self.swav(scores[:n], scores[n:], z[:n], z[n:], jm.prototypes_2d)
+
+    def _joint_out(self, loss_intra: Tensor, loss_inter: Tensor | None = None, loss_mask: Tensor | None = None) -> dict[str, Tensor]:
+        s = self.s
+        loss = s["w_intra"] * loss_intra
+        out = {"loss_intra": loss_intra}
+        if loss_inter is not None and loss_mask is not None:
+            loss = loss + s["w_inter"] * loss_inter + s["w_mask"] * loss_mask
+            out.update(loss_inter=loss_inter, loss_mask=loss_mask)
+        return {"loss": loss, **out}
+
+    def _deepcluster_step(self, jm: JointModel, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        views, index = batch["views2d"], batch["index2d"]
+        n = views.shape[1]
+        z = jm.project_2d(jm.embed_slices(views.flatten(0, 1)))
+        scores = jm.prototypes_2d(z)
+        assert self.assignments is not None and self.bank is not None  # set in setup()
+        targets = self.assignments[index]
+        loss = 0.5 * (self.dc_loss(scores[:n], targets) + self.dc_loss(scores[n:], targets))
+        self.bank.add(z[:n].detach(), index)
+        return {"loss": loss, "loss_intra": loss}
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """Prototypes back on the unit sphere after every update."""
+        normalize_prototypes_(_unwrap(model))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Queues, memory bank and cluster assignments (this rank's)."""
+        state: dict[str, Any] = {"swav": self.swav.state_dict(), "agree": self.agree.state_dict()}
+        if self.bank is not None:
+            state["bank"] = self.bank.state_dict()
+            state["assignments"] = self.assignments
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.swav.load_state_dict(state["swav"])
+        self.agree.load_state_dict(state["agree"])
+        if self.bank is not None and "bank" in state:
+            self.bank.load_state_dict(state["bank"])
+            self.assignments = state["assignments"].to(self.context.device)
+
+
+def _unwrap(model: nn.Module) -> JointModel:
+    """The JointModel behind a ``torch.compile`` wrapper."""
+    return getattr(model, "_orig_mod", model)  # type: ignore[return-value]
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def _export_cases(stores: Any) -> tuple[list[PretrainCase], dict[str, str]]:
+    """Validation cases of each dataset, or its training cases when it has none."""
+    cases = collect_cases(stores, ("train", "val"))
+    chosen, used = [], {}
+    for dataset in dict.fromkeys(c.dataset for c in cases):
+        val = [c for c in cases if c.dataset == dataset and c.split == "val"]
+        if val:
+            chosen += val
+            used[dataset] = "val"
+        else:
+            chosen += [c for c in cases if c.dataset == dataset]
+            used[dataset] = "train (no validation cases)"
+    return chosen, used
+
+
+@torch.no_grad()
+def export_embeddings(
+    model: JointModel,
+    arrays: CaseArrays,
+    settings: Mapping[str, Any],
+    method: str,
+    path: str | os.PathLike[str],
+    splits_used: Mapping[str, str],
+    device: torch.device | None = None,
+    chunk: int = 64,
+) -> dict[str, np.ndarray]:
+    """Slice and volume embeddings of the given cases, with cluster assignments, as ``.npz``.
+
+    Slice embeddings are the encoder's ``d_model`` vectors of every slice (at most
+    ``embed_max_slices`` evenly spaced per case), cluster = argmax of the 2D prototypes. Volume
+    embeddings (cases with >= 2 slices, ``s_max`` evenly spaced slices): for ``joint`` the mean
+    of the slice-attention outputs, cluster = argmax of the 3D prototypes; for the other
+    methods, which have no trained 3D branch, the mean slice embedding and cluster -1.
+
+    Args:
+        model: the trained model.
+        arrays: the cases to embed.
+        settings: resolved settings.
+        method: the method name (stored in the metadata).
+        path: the ``embeddings.npz`` to write (atomically).
+        splits_used: dataset -> which split's cases were embedded (metadata).
+        device: where to run (default CPU).
+        chunk: slices per forward pass.
+
+    Returns:
+        The arrays written.
+    """
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    s = settings
+    view_size, volume_size, s_max = tuple(s["view_size"]), tuple(s["volume_size"]), int(s["s_max"])
+    attention_pooling = method == "joint"
+    slice_rows: dict[str, list[Any]] = {k: [] for k in ("emb", "dataset", "modality", "cluster", "case", "index")}
+    vol_rows: dict[str, list[Any]] = {k: [] for k in ("emb", "dataset", "modality", "cluster", "case")}
+
+    def embed(images: np.ndarray, size: tuple[int, ...]) -> Tensor:
+        x = resize_slices(torch.from_numpy(images), size)
+        return torch.cat([model.embed_slices(x[i : i + chunk, None].to(device)) for i in range(0, len(x), chunk)])
+
+    limit = int(s["embed_max_slices"])
+    for c, case in enumerate(arrays.cases):
+        n = case.num_slices
+        idx = eval_volume_indices(n, limit) if limit > 0 else np.arange(n)
+        emb = embed(arrays.slices(c, idx), view_size)
+        clusters = model.prototypes_2d(model.project_2d(emb)).argmax(1)
+        slice_rows["emb"].append(emb.float().cpu())
+        slice_rows["cluster"].append(clusters.cpu())
+        slice_rows["index"].append(torch.from_numpy(idx))
+        for key, value in (("dataset", case.dataset), ("modality", case.modality), ("case", case.case_id)):
+            slice_rows[key] += [value] * len(idx)
+        if n < 2:
+            continue
+        vidx = eval_volume_indices(n, s_max)
+        if attention_pooling:
+            tokens = embed(arrays.slices(c, vidx), volume_size)[None]
+            valid = torch.ones(1, len(vidx), dtype=torch.bool, device=device)
+            z = torch.from_numpy(arrays.z_mm[c][vidx]).to(device)[None]
+            out, vol = model.embed_volume(tokens, z, valid)
+            rep = masked_mean(out, valid)[0]
+            cluster = int(model.prototypes_3d(vol).argmax(1)[0])
+        else:
+            rep = embed(arrays.slices(c, vidx), view_size).mean(0)
+            cluster = -1
+        vol_rows["emb"].append(rep.float().cpu()[None])
+        vol_rows["cluster"].append(cluster)
+        for key, value in (("dataset", case.dataset), ("modality", case.modality), ("case", case.case_id)):
+            vol_rows[key].append(value)
+
+    d = model.d_model
+    meta = {
+        "method": method,
+        "cases_embedded": dict(splits_used),
+        "slice_embedding": f"SliceEncoder output (d_model={d}); at most {limit or 'all'} slices per case, resized to {list(view_size)}",
+        "slice_cluster": "argmax of the 2D (intra) prototypes",
+        "volume_embedding": (
+            f"mean of slice-attention outputs over {s_max} evenly spaced slices" if attention_pooling else f"mean slice embedding over {s_max} evenly spaced slices"
+        ),
+        "volume_cluster": "argmax of the 3D (inter) prototypes" if attention_pooling else "-1: this method has no trained volume prototypes",
+    }
+    arrays_out = {
+        "slice_embeddings": torch.cat(slice_rows["emb"]).numpy() if slice_rows["emb"] else np.zeros((0, d), np.float32),
+        "slice_dataset": np.asarray(slice_rows["dataset"], dtype=str),
+        "slice_modality": np.asarray(slice_rows["modality"], dtype=str),
+        "slice_cluster": torch.cat(slice_rows["cluster"]).numpy().astype(np.int64) if slice_rows["cluster"] else np.zeros(0, np.int64),
+        "slice_case": np.asarray(slice_rows["case"], dtype=str),
+        "slice_index": torch.cat(slice_rows["index"]).numpy().astype(np.int64) if slice_rows["index"] else np.zeros(0, np.int64),
+        "volume_embeddings": torch.cat(vol_rows["emb"]).numpy() if vol_rows["emb"] else np.zeros((0, d), np.float32),
+        "volume_dataset": np.asarray(vol_rows["dataset"], dtype=str),
+        "volume_modality": np.asarray(vol_rows["modality"], dtype=str),
+        "volume_cluster": np.asarray(vol_rows["cluster"], dtype=np.int64),
+        "volume_case": np.asarray(vol_rows["case"], dtype=str),
+        "meta": np.asarray(json.dumps(meta)),
+    }
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays_out)
+    model.train()
+    return arrays_out
+
+
+def _save_torch_atomic(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def run_pretraining(
+    method: str,
+    settings: Mapping[str, Any],
+    stores: Mapping[str, str | os.PathLike[str]] | Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+) -> Path | None:
+    """Pretrain one method and write its outputs (resuming from ``checkpoint_dir`` if possible).
+
+    Args:
+        method: ``joint``, ``swav2d``, ``deepcluster2d`` or ``none``.
+        settings: the ``pretrain`` config section (partial is fine: schema defaults fill the
+            rest) plus the global ``seed``.
+        stores: dataset name -> slice store folder (``results/slices/{dataset}``), or folders.
+        out_dir: ``results/pretrain/{method}``.
+        checkpoint_dir: default ``out_dir/checkpoint``.
+
+    Returns:
+        The path of ``encoder.pt`` on rank 0; None on other ranks (they write nothing).
+
+    Raises:
+        TrainingInterrupted: SIGTERM/SIGUSR1 during training (checkpoint saved; rerun resumes).
+        MedclustError: unknown method, no data, non-finite loss, ...
+    """
+    if method not in METHODS:
+        raise MedclustError(f"pretrain: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    started = time.perf_counter()
+    s = resolve_settings(settings)
+    if method != "joint":  # see THREE_D_KEYS: 2D methods never depend on these
+        defaults = resolve_settings({})
+        s.update({k: defaults[k] for k in THREE_D_KEYS})
+    out_dir = Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoint"
+    cases = collect_cases(stores, s["splits"])
+    if not cases:
+        raise MedclustError(f"pretrain: no {'/'.join(s['splits'])} cases in the slice stores {list(stores)}")
+    counts: dict[str, int] = {}
+    for c in cases:
+        counts[c.dataset] = counts.get(c.dataset, 0) + 1
+    log.info("pretrain %s: %d cases (%s)", method, len(cases), ", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+    task = PretrainTask(method, s, cases)
+    trainer_settings = {**s, "max_steps": 0 if method == "none" else s["steps"]}
+    trainer = Trainer(TrainerConfig.from_dict(trainer_settings), out_dir, checkpoint_dir)
+    model = trainer.fit(task)
+    if not trainer.context.is_main:
+        return None
+    trained = time.perf_counter() - started
+
+    export, used = _export_cases(stores)
+    export_arrays = CaseArrays(export, in_memory=True)
+    export_embeddings(model, export_arrays, s, method, out_dir / "embeddings.npz", used, trainer.context.device)
+    model = model.cpu()
+    metrics = out_dir / "metrics.csv"
+    if not metrics.exists() or metrics.stat().st_size == 0:  # `none` trains nothing: header only
+        with atomic_path(metrics) as tmp:
+            tmp.write_text(",".join(METRIC_COLUMNS) + "\n")
+    inputs = [Path(p) / name for p in (stores.values() if isinstance(stores, Mapping) else stores) for name in ("index.json", "splits.json")]
+    final = trainer.history[-1] if trainer.history else {}
+    write_provenance(
+        out_dir,
+        {
+            "method": method,
+            "settings": s,
+            "cases": [{"dataset": c.dataset, "case_id": c.case_id, "split": c.split} for c in cases],
+            "steps": trainer.step,
+            "resumed_from_step": trainer.start_step,
+            "final_metrics": final,
+            "seconds": round(time.perf_counter() - started, 1),
+            "training_seconds_this_run": round(trained, 1),
+            "device": str(trainer.context.device),
+        },
+        inputs,
+    )
+    encoder: SliceEncoder = model.encoder
+    _save_torch_atomic(
+        {"backbone": encoder.backbone_name, "d_model": encoder.d_model, "in_channels": encoder.in_channels, "state_dict": encoder.state_dict()},
+        out_dir / "slice_encoder.pt",
+    )
+    _save_torch_atomic(encoder.export_backbone_state(), out_dir / "encoder.pt")  # last: marks completion
+    log.info("pretrain %s: wrote %s (%.1f s)", method, out_dir / "encoder.pt", time.perf_counter() - started)
+    return out_dir / "encoder.pt"

@@ -1,0 +1,485 @@
+"""The one trainer: pretraining and fine-tuning both run through :class:`Trainer`.
+
+A task (:class:`TrainTask`) says what to train — model, batches, loss — and the trainer owns how:
+device, data parallelism under ``torchrun``, bf16 autocast on CUDA, gradient clipping, warm-up +
+cosine learning rate, AdamW or SGD+LARS, checkpoints (every N steps, on SIGTERM/SIGUSR1, at the
+end), exact resume, non-finite loss detection, progress bar, ``metrics.csv`` and TensorBoard.
+
+Exact resume works because everything random is either restored from the checkpoint (global
+RNGs, task state such as queues and memory banks) or derived from ``(seed, epoch, ...)`` by the
+task (data order, augmentation): a run interrupted at any step boundary and resumed ends with
+the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import itertools
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from medclust.errors import MedclustError
+from medclust.train.checkpoint import CheckpointStore
+from medclust.train.distributed import (
+    DistContext,
+    all_gather_objects,
+    all_reduce_gradients,
+    all_reduce_tensor,
+    broadcast_module,
+    init_distributed,
+    shutdown_distributed,
+)
+from medclust.train.metrics_logger import MetricsLogger
+from medclust.train.optim import build_optimizer, default_param_groups
+from medclust.train.schedule import build_scheduler
+from medclust.train.seeding import derive_seed, rng_state, seed_everything, set_rng_state
+from medclust.train.signals import SignalFlag, TrainingInterrupted
+
+__all__ = ["TrainTask", "Trainer", "TrainerConfig", "move_to_device"]
+
+log = logging.getLogger("medclust.train")
+
+_OPTIMIZERS = ("adamw", "sgd_lars")
+# settings that change the optimisation trajectory: a checkpoint written under other values
+# belongs to another run and must not be resumed
+_SIGNATURE_FIELDS = (
+    "max_steps", "lr", "weight_decay", "optimizer", "momentum", "lars_eta", "warmup_steps",
+    "min_lr_ratio", "grad_clip", "amp", "seed", "deterministic",
+)
+
+
+@dataclass
+class TrainerConfig:
+    """How to optimise (the same for every task).
+
+    Attributes:
+        max_steps: optimiser steps in the whole run (0: build the model, train nothing).
+        lr: base learning rate (reached after warm-up; groups may scale it).
+        weight_decay: decoupled (AdamW) or L2 (LARS) weight decay; not applied to biases/norms.
+        optimizer: ``adamw`` or ``sgd_lars`` (SGD + momentum with a LARS trust ratio).
+        momentum: SGD momentum (``sgd_lars``).
+        lars_eta: LARS trust coefficient (``sgd_lars``).
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        grad_clip: max global gradient norm, or None for no clipping.
+        checkpoint_every: save a checkpoint every this many steps (and on signals, and at the end).
+        keep_checkpoints: complete checkpoints kept on disk.
+        log_every: steps averaged into one metrics row.
+        amp: bf16 autocast on CUDA (ignored on CPU, where bf16 is slow and fp32 is exact).
+        compile: ``torch.compile`` the model used in ``training_step``.
+        seed: run seed (model initialisation, per-rank random streams).
+        deterministic: request deterministic torch algorithms (slower on GPU).
+        progress: show a tqdm progress bar on stderr (rank 0).
+        tensorboard: write TensorBoard event files in ``out_dir/tensorboard``.
+    """
+
+    max_steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    lars_eta: float = 0.001
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    amp: bool = True
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_steps < 0:
+            problems.append(f"max_steps={self.max_steps} must be >= 0")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} must be > 0")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.optimizer not in _OPTIMIZERS:
+            problems.append(f"optimizer={self.optimizer!r} must be one of {', '.join(_OPTIMIZERS)}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"grad_clip={self.grad_clip} must be > 0 or null")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
+            problems.append("checkpoint_every, log_every and keep_checkpoints must be >= 1")
+        if problems:
+            raise MedclustError("trainer settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]) -> TrainerConfig:
+        """Pick the trainer's keys out of a (larger) settings dict; ``steps`` means ``max_steps``.
+
+        Unknown keys are ignored so a whole config section (model sizes, data options) can be
+        passed; schema validation has already rejected typos.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        picked = {k: v for k, v in settings.items() if k in names}
+        if "steps" in settings and "max_steps" not in settings:
+            picked["max_steps"] = settings["steps"]
+        return cls(**picked)
+
+    def signature(self) -> dict[str, Any]:
+        """The settings that determine the optimisation trajectory."""
+        return {k: getattr(self, k) for k in _SIGNATURE_FIELDS}
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What the trainer needs from a task.
+
+    Optional hooks, used when present:
+
+    - ``setup(context: DistContext)`` — called first, with rank/world size/device;
+    - ``param_groups(model) -> list[dict]`` — optimiser groups (default: decay / no-decay);
+    - ``on_epoch_start(model, epoch)`` — e.g. k-means of a memory bank (all ranks call it);
+    - ``after_optimizer_step(model, step)`` — e.g. re-normalise prototypes;
+    - ``state_dict() -> dict`` / ``load_state_dict(state)`` — per-rank extra state (queues,
+      memory banks) saved in checkpoints; tensors and plain types only;
+    - ``signature() -> dict`` — settings that identify the run (a checkpoint written under
+      other settings is discarded instead of resumed);
+    - ``batch_size(batch) -> int`` — items in a batch, for items/s (default: first tensor's length);
+    - ``batches`` may accept a keyword ``start``: the number of batches of that epoch already
+      consumed, to skip them cheaply on resume (otherwise the trainer iterates past them).
+    """
+
+    def build_model(self) -> nn.Module:
+        """A fresh model (the trainer seeds the RNG first and moves it to the device)."""
+        ...
+
+    def batches(self, epoch: int, rank: int, world_size: int) -> Iterable[Any]:
+        """This rank's batches of one epoch, deterministic given the task's seed and ``epoch``."""
+        ...
+
+    def training_step(self, model: nn.Module, batch: Any, step: int) -> dict[str, Tensor]:
+        """Forward pass and loss; the dict must hold ``"loss"`` (others are logged)."""
+        ...
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a nested batch (dicts, lists, tuples, objects with ``.to``)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: move_to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch) if f.init})
+    if hasattr(batch, "to") and callable(batch.to):
+        return batch.to(device)
+    return batch
+
+
+def _count_items(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        batch = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    if isinstance(batch, (list, tuple)):
+        for value in batch:
+            n = _count_items(value)
+            if n:
+                return n
+    return 0
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Train a :class:`TrainTask` with checkpoints, resume, signals, DDP and logging.
+
+    Args:
+        config: optimisation settings.
+        out_dir: where ``metrics.csv`` and ``tensorboard/`` go (rank 0 writes).
+        checkpoint_dir: where step checkpoints go; a later run with the same settings resumes
+            from the newest one.
+
+    Example:
+        >>> trainer = Trainer(TrainerConfig(max_steps=100, lr=1e-3), Path("out"), Path("out/checkpoint"))
+        >>> model = trainer.fit(task)  # doctest: +SKIP
+    """
+
+    def __init__(self, config: TrainerConfig, out_dir: str | Path, checkpoint_dir: str | Path) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.store = CheckpointStore(self.checkpoint_dir, keep=config.keep_checkpoints)
+        self.context: DistContext = DistContext()
+        self.step = 0
+        self.start_step = 0
+        self.last_checkpoint: Path | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _signature(self, task: Any) -> str:
+        task_sig = task.signature() if hasattr(task, "signature") else None
+        return _hash({"trainer": self.config.signature(), "task": task_sig})
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.config.amp and self.context.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batch_iter(self, task: Any, epoch: int, skip: int) -> Iterator[Any]:
+        ctx = self.context
+        if skip and "start" in inspect.signature(task.batches).parameters:
+            return iter(task.batches(epoch, ctx.rank, ctx.world_size, start=skip))
+        it = iter(task.batches(epoch, ctx.rank, ctx.world_size))
+        if skip:
+            for _ in itertools.islice(it, skip):
+                pass
+        return it
+
+    def _save(self, task: Any, model: nn.Module, optimizer: Any, scheduler: Any, epoch: int, batch_in_epoch: int, signature: str, logger: MetricsLogger) -> Path:
+        shared = None
+        if self.context.is_main:
+            shared = {
+                "format": 1,
+                "step": self.step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "world_size": self.context.world_size,
+                "signature": signature,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "metrics": logger.rows,
+            }
+        rank_state = {"rng": rng_state(), "task": task.state_dict() if hasattr(task, "state_dict") else None}
+        path = self.store.save(self.step, shared, rank_state, self.context)
+        self.last_checkpoint = path
+        log.debug("checkpoint saved at step %d: %s", self.step, path)
+        return path
+
+    def _resume(self, task: Any, model: nn.Module, optimizer: Any, scheduler: Any, signature: str) -> tuple[int, int, dict[str, Any] | None, list[dict[str, Any]]]:
+        ctx = self.context
+        loaded = self.store.load(ctx.rank)
+        if loaded is not None and loaded[1].get("signature") != signature:
+            if ctx.is_main:
+                log.warning(
+                    "checkpoints in %s were written with other settings; discarding them and starting afresh",
+                    self.checkpoint_dir,
+                )
+            all_gather_objects(None, ctx)  # every rank has read them before rank 0 deletes
+            if ctx.is_main:
+                for _, folder in self.store.steps():
+                    shutil.rmtree(folder, ignore_errors=True)
+            all_gather_objects(None, ctx)
+            loaded = None
+        steps_seen = all_gather_objects(None if loaded is None else int(loaded[1]["step"]), ctx)
+        if len(set(steps_seen)) > 1:
+            raise MedclustError(f"{self.checkpoint_dir}: ranks found different latest checkpoints {steps_seen}")
+        if loaded is None:
+            if ctx.is_main:
+                log.info("starting at step 0")
+            return 0, 0, None, []
+        folder, shared, rank_state = loaded
+        model.load_state_dict(shared["model"])
+        optimizer.load_state_dict(shared["optimizer"])
+        scheduler.load_state_dict(shared["scheduler"])
+        self.step = int(shared["step"])
+        self.last_checkpoint = folder
+        pending_rng = None
+        if rank_state is not None and int(shared.get("world_size", 1)) == ctx.world_size:
+            if hasattr(task, "load_state_dict") and rank_state.get("task") is not None:
+                task.load_state_dict(rank_state["task"])
+            pending_rng = rank_state["rng"]
+        else:
+            log.warning(
+                "checkpoint %s was written by %s ranks, this run has %d: task state and random streams restart",
+                folder, shared.get("world_size"), ctx.world_size,
+            )
+        if ctx.is_main:
+            log.info("resuming from step %d (%s)", self.step, folder)
+        return int(shared["epoch"]), int(shared["batch_in_epoch"]), pending_rng, list(shared.get("metrics", []))
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self, task: TrainTask) -> nn.Module:
+        """Train ``task`` to ``max_steps`` (resuming if a checkpoint exists).
+
+        Args:
+            task: the task.
+
+        Returns:
+            The trained model, unwrapped and on CPU (identical on every rank).
+
+        Raises:
+            TrainingInterrupted: SIGTERM/SIGUSR1 arrived; a checkpoint was saved.
+            MedclustError: non-finite loss or gradient (the last good checkpoint is kept), a task
+                that yields no batches, unreadable checkpoints.
+        """
+        self.context = ctx = init_distributed()
+        try:
+            return self._fit(task)
+        finally:
+            if ctx.owns_group and torch.distributed.is_initialized():
+                # an exception left the loop (the normal path shut the group down already)
+                with contextlib.suppress(Exception):
+                    torch.distributed.destroy_process_group()
+
+    def _fit(self, task: Any) -> nn.Module:
+        cfg, ctx = self.config, self.context
+        if hasattr(task, "setup"):
+            task.setup(ctx)
+        seed_everything(cfg.seed, cfg.deterministic)
+        model = task.build_model().to(ctx.device)
+        broadcast_module(model, ctx)
+        groups = task.param_groups(model) if hasattr(task, "param_groups") else default_param_groups(model, cfg.weight_decay)
+        optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, lars_eta=cfg.lars_eta)
+        scheduler = build_scheduler(optimizer, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        signature = self._signature(task)
+
+        self.step = 0
+        epoch, batch_in_epoch, pending_rng, history = self._resume(task, model, optimizer, scheduler, signature)
+        self.start_step = self.step
+        if pending_rng is None:
+            # distinct random streams per rank (dropout, masking); the data order is the task's
+            torch.manual_seed(derive_seed(cfg.seed, self.step, ctx.rank, 0x5EED))
+        logger = MetricsLogger(self.out_dir, enabled=ctx.is_main, history=history, resume_step=self.step, tensorboard=cfg.tensorboard)
+        train_model: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+        model.train()
+
+        window: dict[str, float] = {}
+        window_steps = 0
+        window_items = 0
+        window_start = time.perf_counter()
+        saved_at = self.step if self.last_checkpoint is not None else -1
+        progress = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            file=sys.stderr,
+            disable=not (cfg.progress and ctx.is_main) or self.step >= cfg.max_steps,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
+        try:
+            with SignalFlag() as signals:
+                while self.step < cfg.max_steps:
+                    if batch_in_epoch == 0 and hasattr(task, "on_epoch_start"):
+                        task.on_epoch_start(model, epoch)
+                    batch_iter = self._batch_iter(task, epoch, batch_in_epoch)
+                    if pending_rng is not None:
+                        set_rng_state(pending_rng)  # after skipping: the resumed stream starts here
+                        pending_rng = None
+                    started_epoch_at = batch_in_epoch
+                    for batch in batch_iter:
+                        items = task.batch_size(batch) if hasattr(task, "batch_size") else _count_items(batch)
+                        batch = move_to_device(batch, ctx.device)
+                        if ctx.distributed:
+                            broadcast_module(model, ctx, buffers_only=True)
+                        optimizer.zero_grad(set_to_none=True)
+                        with self._autocast():
+                            out = task.training_step(train_model, batch, self.step)
+                        if "loss" not in out:
+                            raise MedclustError(f"training_step at step {self.step} returned no 'loss' (keys: {sorted(out)})")
+                        loss = out["loss"]
+                        names = ["loss"] + [k for k in out if k != "loss"]
+                        # one collective per step: metric means across ranks + the signal flag
+                        packed = torch.stack(
+                            [out[k].detach().float().reshape(()) if isinstance(out[k], Tensor) else torch.tensor(float(out[k])) for k in names]
+                            + [torch.tensor(float(signals.received or 0))]
+                        ).to(ctx.device)
+                        all_reduce_tensor(packed, ctx)
+                        values = (packed[:-1] / ctx.world_size).tolist()
+                        signal_sum = packed[-1].item()
+                        if not all(math.isfinite(v) for v in values):
+                            self._non_finite("loss", dict(zip(names, values)))
+                        loss.backward()
+                        all_reduce_gradients(params, ctx)
+                        if cfg.grad_clip is not None:
+                            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                            if not torch.isfinite(norm):
+                                self._non_finite("gradient norm", {"grad_norm": float(norm)})
+                        optimizer.step()
+                        scheduler.step()
+                        if hasattr(task, "after_optimizer_step"):
+                            task.after_optimizer_step(model, self.step)
+                        self.step += 1
+                        batch_in_epoch += 1
+                        progress.update(1)
+
+                        for k, v in zip(names, values):
+                            window[k] = window.get(k, 0.0) + v
+                        window_steps += 1
+                        window_items += items * ctx.world_size
+                        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                            elapsed = max(time.perf_counter() - window_start, 1e-9)
+                            row = {k: v / window_steps for k, v in window.items()}
+                            row["lr"] = optimizer.param_groups[0]["lr"]
+                            row["items_per_s"] = window_items / elapsed
+                            logger.log(self.step, row)
+                            progress.set_postfix(loss=f"{row['loss']:.4f}", items_s=f"{row['items_per_s']:.1f}", refresh=False)
+                            window, window_steps, window_items, window_start = {}, 0, 0, time.perf_counter()
+
+                        if signal_sum > 0:
+                            # the signal this rank got, else the one another rank got (SIGTERM if ambiguous)
+                            signum = signals.received or (int(signal_sum) if int(signal_sum) in (10, 12, 15) else 15)
+                            path = self._save(task, model, optimizer, scheduler, epoch, batch_in_epoch, signature, logger)
+                            log.warning("signal %d: checkpoint saved at step %d (%s)", signum, self.step, path)
+                            raise TrainingInterrupted(signum, self.step, path)
+                        if self.step % cfg.checkpoint_every == 0:
+                            self._save(task, model, optimizer, scheduler, epoch, batch_in_epoch, signature, logger)
+                            saved_at = self.step
+                        if self.step >= cfg.max_steps:
+                            break
+                    else:
+                        if batch_in_epoch == started_epoch_at == 0:
+                            raise MedclustError(f"the training task yielded no batches for epoch {epoch} (rank {ctx.rank})")
+                        epoch += 1
+                        batch_in_epoch = 0
+                        continue
+                    break  # max_steps reached inside the epoch
+            if ctx.distributed:
+                broadcast_module(model, ctx, buffers_only=True)  # end with rank 0's running statistics everywhere
+            if cfg.max_steps > 0 and saved_at != self.step:
+                # a rerun after a crash in post-processing (export) must not train again
+                self._save(task, model, optimizer, scheduler, epoch, batch_in_epoch, signature, logger)
+        finally:
+            progress.close()
+            logger.close()
+        self.history = logger.rows
+        if self.step > self.start_step and ctx.is_main:
+            log.info("finished %d steps (loss %.4f)", self.step, logger.rows[-1]["loss"] if logger.rows else float("nan"))
+        shutdown_distributed(ctx)
+        return model.cpu()
+
+    def _non_finite(self, what: str, values: dict[str, float]) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        kept = f"the last good checkpoint is kept: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+        raise MedclustError(
+            f"non-finite {what} at step {self.step} ({shown}); nothing was saved for this step and {kept}; "
+            "lower the learning rate, enable grad_clip or check the inputs"
+        )

@@ -1,0 +1,178 @@
+"""Readers (NIfTI, DICOM series, 2D DICOM/PNG) and dataset discovery (msd, manifest, dicom, images)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import (
+    LPS_TO_RAS,
+    phantom_ct,
+    radiograph_pixels,
+    save_nifti,
+    write_dicom_series,
+    write_msd,
+    write_radiograph_dicom,
+)
+
+from medclust.errors import BadInputError
+from medclust.io.readers import image_kind, load_image
+from medclust.io.sources import CaseEntry, discover, read_manifest, sanitize_case_id
+
+# --- readers ----------------------------------------------------------------------------------
+
+
+def test_nifti_keeps_dtype_affine_and_drops_trailing_singletons(tmp_path):
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    affine[:3, 3] = [1, 2, 3]
+    vol = phantom_ct((20, 18, 6))
+    data = load_image(save_nifti(tmp_path / "ct.nii.gz", vol[..., None], affine))
+    assert data.array.dtype == np.int16 and data.shape == (20, 18, 6)
+    np.testing.assert_array_equal(data.array, vol)
+    np.testing.assert_allclose(data.affine, affine)
+    assert data.spacing == pytest.approx((0.7, 0.8, 2.5))
+    assert len(data.meta["sha256"]) == 64
+    flat = load_image(save_nifti(tmp_path / "xr.nii", np.arange(12.0).reshape(4, 3, 1), affine))
+    assert flat.is_2d and flat.shape == (4, 3)
+
+
+def test_dicom_series_is_sorted_and_converted_to_ras(tmp_path):
+    vol = phantom_ct((16, 12, 5))
+    folder = write_dicom_series(tmp_path / "series", vol, spacing=(0.8, 0.9, 2.5), origin_lps=(-20.0, -15.0, 30.0))
+    data = load_image(folder)
+    assert image_kind(folder) == "dicom_series"
+    assert data.shape == (16, 12, 5) and data.modality == "CT"
+    np.testing.assert_array_equal(np.asarray(data.array), vol)  # slices sorted by position, x/y not swapped
+    lps = np.diag([0.8, 0.9, 2.5, 1.0])
+    lps[:3, 3] = [-20.0, -15.0, 30.0]
+    np.testing.assert_allclose(data.affine, LPS_TO_RAS @ lps, atol=1e-4)
+    assert data.meta["num_files"] == 5
+
+
+def test_dicom_radiograph_monochrome1_is_inverted(tmp_path):
+    pixels = radiograph_pixels(rows=60, cols=40)
+    mono1 = load_image(write_radiograph_dicom(tmp_path / "m1.dcm", pixels, monochrome1=True, imager_spacing=(0.2, 0.3)))
+    mono2 = load_image(write_radiograph_dicom(tmp_path / "m2.dcm", pixels, monochrome1=False))
+    assert mono1.is_2d and mono1.modality == "XR" and mono1.meta["photometric"] == "MONOCHROME1"
+    # MONAI 2D order: axis 0 = column, axis 1 = row; spacing (column, row) from ImagerPixelSpacing (row, column)
+    assert mono1.shape == (40, 60)
+    assert mono1.spacing == pytest.approx((0.3, 0.2))
+    dense = (slice(10, 20), slice(15, 30))  # columns 10..19, rows 15..29: the low raw values
+    assert mono1.array[dense].mean() > mono1.array.mean()  # dense region bright after inversion
+    assert mono2.array[dense].mean() < mono2.array.mean()  # MONOCHROME2 untouched: dense stays dark
+    np.testing.assert_allclose(mono1.array, pixels.max() + pixels.min() - pixels.T.astype(np.float64))
+
+
+def test_png_colour_to_grey_and_monai_axis_order(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((30, 50, 3), dtype=np.uint8)
+    rgb[:10, :, :] = 255
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    data = load_image(tmp_path / "x.png")
+    assert data.shape == (50, 30) and data.array[:, :10].min() == 255 and data.array[:, 10:].max() == 0
+
+
+def test_unsupported_and_missing_paths(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(BadInputError, match="unsupported file type"):
+        load_image(tmp_path / "notes.txt")
+    with pytest.raises(BadInputError, match="file not found"):
+        load_image(tmp_path / "nope.nii.gz")
+
+
+# --- discovery --------------------------------------------------------------------------------
+
+
+def _tiny(tmp_path, name, value=0):
+    vol = phantom_ct((8, 8, 3), seed=value)
+    return save_nifti(tmp_path / name, vol, np.eye(4))
+
+
+@pytest.mark.parametrize("sep, suffix", [(",", ".csv"), ("\t", ".tsv")])
+def test_manifest_csv_tsv_relative_paths_and_optional_columns(tmp_path, sep, suffix):
+    sub = tmp_path / "data"
+    _tiny(sub / "imgs", "a.nii.gz")
+    _tiny(sub / "imgs", "b.nii.gz", 1)
+    save_nifti(sub / "labs" / "a.nii.gz", np.zeros((8, 8, 3), np.uint8))
+    rows = [
+        ["image", "label", "modality", "class_label", "split"],
+        ["imgs/a.nii.gz", "labs/a.nii.gz", "CT", "1", "test"],
+        ["imgs/b.nii.gz", "", "mri", "nodule", ""],
+    ]
+    manifest = sub / f"list{suffix}"
+    manifest.write_text("\n".join(sep.join(r) for r in rows) + "\n")
+    a, b = read_manifest(manifest)
+    assert a.error is None and b.error is None
+    assert a.image == str(sub / "imgs" / "a.nii.gz") and a.label == str(sub / "labs" / "a.nii.gz")
+    assert (a.case_id, a.modality, a.class_label, a.split) == ("a", "CT", 1, "test")
+    assert (b.label, b.modality, b.class_label, b.split, b.simulated) == (None, "MR", "nodule", None, False)
+    # only the image column, modality from the dataset
+    minimal = tmp_path / "min.csv"
+    minimal.write_text("image\ndata/imgs/a.nii.gz\n")
+    (only,) = read_manifest(minimal, modality="CT")
+    assert only.modality == "CT" and only.label is None and only.split is None and only.error is None
+
+
+def test_manifest_row_problems_are_attached_not_raised(tmp_path):
+    _tiny(tmp_path, "a.nii.gz")
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("image\tmodality\tsplit\na.nii.gz\tCT\tholdout\nmissing.nii.gz\tCT\t\n")
+    bad_split, missing = read_manifest(manifest)
+    assert "split 'holdout' is not train, val or test" in str(bad_split.error)
+    assert str(missing.error) == f"{tmp_path / 'missing.nii.gz'}: file not found (m.tsv row 3)"
+    (tmp_path / "noimage.csv").write_text("path,label\nx,y\n")
+    with pytest.raises(BadInputError, match="no 'image' column"):
+        read_manifest(tmp_path / "noimage.csv")
+
+
+def test_manifest_group_and_simulated_columns(tmp_path):
+    _tiny(tmp_path, "v0.nii.gz")
+    (tmp_path / "m.tsv").write_text("image\tmodality\tsimulated\tsource_case\nv0.nii.gz\tXR\ttrue\tct1\n")
+    (entry,) = read_manifest(tmp_path / "m.tsv")
+    assert entry.simulated is True and entry.group == "ct1"
+    assert CaseEntry.from_dict(entry.to_dict()) == entry
+
+
+def test_msd_with_and_without_dataset_json(tmp_path):
+    vol = phantom_ct((8, 8, 3))
+    root = write_msd(tmp_path / "Task", {"lung_001": (vol, vol > 0), "lung_002": (vol, None)}, np.eye(4))
+    (root / "imagesTr" / "._lung_001.nii.gz").write_bytes(b"junk")  # macOS resource fork in MSD tars
+    entries = discover({"name": "t", "format": "msd", "path": str(root)})
+    assert [e.case_id for e in entries] == ["lung_001", "lung_002"]
+    assert entries[0].label.endswith("labelsTr/lung_001.nii.gz") and entries[1].label is None
+    assert all(e.modality == "CT" for e in entries)
+    (root / "dataset.json").unlink()
+    again = discover({"name": "t", "format": "msd", "path": str(root), "modality": "MR"})
+    assert [e.case_id for e in again] == ["lung_001", "lung_002"] and again[0].modality == "MR"
+    assert again[0].label is not None and again[1].label is None
+
+
+def test_dicom_folder_discovery_one_case_per_series(tmp_path):
+    vol = phantom_ct((8, 8, 3))
+    write_dicom_series(tmp_path / "dicom" / "patientA" / "ct", vol)
+    write_dicom_series(tmp_path / "dicom" / "patientB", vol)
+    (tmp_path / "dicom" / "notes.tsv").write_text("x\n")
+    entries = discover({"name": "d", "format": "dicom", "path": str(tmp_path / "dicom"), "modality": "CT"})
+    assert [e.case_id for e in entries] == ["patientA_ct", "patientB"]
+    single = discover({"name": "d", "format": "dicom", "path": str(tmp_path / "dicom" / "patientB")})
+    assert [e.case_id for e in single] == ["patientB"] and single[0].modality is None  # header decides later
+
+
+def test_images_folder_discovery(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    write_radiograph_dicom(tmp_path / "sub" / "b.dcm", radiograph_pixels(8, 8))
+    (tmp_path / "sources.json").write_text(json.dumps({}))
+    entries = discover({"name": "x", "format": "images", "path": str(tmp_path)})
+    assert [(e.case_id, e.modality) for e in entries] == [("a", "XR"), ("sub_b", "XR")]
+
+
+def test_case_ids_are_sanitised():
+    assert sanitize_case_id("LIDC IDRI/0001 (ct)") == "LIDC_IDRI_0001_ct"
+    assert sanitize_case_id("__") == "case"
+    assert Path(sanitize_case_id("a.b-c")).name == "a.b-c"
