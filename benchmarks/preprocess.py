@@ -15,7 +15,7 @@
 
 Usage::
 
-    python benchmarks/preprocess.py [--repeats 3] [--skip-workflow] [--skip-memory]
+    python benchmarks/preprocess.py [--repeats 3] [--skip-workflow] [--skip-memory] [--skip-cases]
 """
 
 from __future__ import annotations
@@ -139,7 +139,10 @@ def bench_cases(repeats: int, memory: bool) -> list[dict]:
     return rows
 
 
-def bench_workflow(cores_list: list[int]) -> list[tuple[int, float, int]]:
+def bench_workflow(cores_list: list[int]) -> list[tuple[int, float, float, int]]:
+    """(cores, wall s, CPU s of all jobs, jobs) per run; CPU time is what contention does not inflate."""
+    import resource
+
     results = []
     for cores in cores_list:
         with tempfile.TemporaryDirectory(prefix="medclust-bench-") as tmp:
@@ -149,28 +152,23 @@ def bench_workflow(cores_list: list[int]) -> list[tuple[int, float, int]]:
                 "snakemake", "--cores", str(cores), "data", "--rerun-triggers", "mtime",
                 "--config", f"results_dir={tmp}/results", "--quiet", "all",
             ]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
             wall = time.perf_counter() - t0
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             if done.returncode != 0:
                 print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
                 sys.exit(f"snakemake --cores {cores} data failed")
             jobs = len(list((Path(tmp) / "results" / "logs").rglob("*.log")))
-            results.append((cores, wall, jobs))
-            print(f"  snakemake --cores {cores} data: {wall:.1f} s ({jobs} jobs)", file=sys.stderr)
+            results.append((cores, wall, cpu, jobs))
+            print(f"  snakemake --cores {cores} data: {wall:.1f} s wall, {cpu:.1f} s CPU ({jobs} jobs)", file=sys.stderr)
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timings per case (median reported)")
-    parser.add_argument("--skip-workflow", action="store_true", help="skip the snakemake wall-time runs")
-    parser.add_argument("--skip-memory", action="store_true", help="skip the per-case peak-memory processes")
-    args = parser.parse_args()
-
-    print(f"host: {os.uname().nodename}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    rows = bench_cases(args.repeats, memory=not args.skip_memory)
-    print("\nPreprocessing vs plain load+decompress (median of %d, one thread)" % args.repeats)
+def _print_cases(rows: list[dict], repeats: int) -> None:
+    print("\nPreprocessing vs plain load+decompress (median of %d, one thread)" % repeats)
     header = f"{'dataset/case':38s} {'shape':>13s} {'label':>5s} {'load s':>7s} {'prep s':>7s} {'ratio':>6s} {'+RSS MB':>8s}"
     print(header)
     print("-" * len(header))
@@ -182,12 +180,27 @@ def main() -> None:
     volumes = [r for r in rows if r["shape"].count("x") == 2]
     if volumes:
         print(f"worst 3D ratio: {max(r['ratio'] for r in volumes):.2f} (target <= 1.5)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timings per case (median reported)")
+    parser.add_argument("--skip-workflow", action="store_true", help="skip the snakemake wall-time runs")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the per-case peak-memory processes")
+    parser.add_argument("--skip-cases", action="store_true", help="only time the workflow")
+    args = parser.parse_args()
+
+    print(f"host: {os.uname().nodename}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    rows = [] if args.skip_cases else bench_cases(args.repeats, memory=not args.skip_memory)
+    if rows:
+        _print_cases(rows, args.repeats)
     if not args.skip_workflow:
         print("\nWhole data stage on the default config (fresh results_dir, demo data already fetched)")
+        print(f"load average before: {os.getloadavg()[0]:.1f}")
         walls = bench_workflow([1, 2])
-        print(f"{'cores':>5s} {'wall s':>8s} {'jobs':>5s}")
-        for cores, wall, jobs in walls:
-            print(f"{cores:5d} {wall:8.1f} {jobs:5d}")
+        print(f"{'cores':>5s} {'wall s':>8s} {'CPU s':>8s} {'jobs':>5s}")
+        for cores, wall, cpu, jobs in walls:
+            print(f"{cores:5d} {wall:8.1f} {cpu:8.1f} {jobs:5d}")
         if len(walls) == 2:
             print(f"speed-up 2 cores vs 1: {walls[0][1] / walls[1][1]:.2f}x")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")

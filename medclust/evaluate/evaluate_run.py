@@ -347,7 +347,7 @@ def _detection_rows(
 
 def _format(value: Any) -> Any:
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return "" if math.isnan(value) else f"{value:.10g}"
     return value
 
 

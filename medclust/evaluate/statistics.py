@@ -17,10 +17,14 @@ Procedure (the README quotes it):
   with replacement, draws one set of case indices per drawn pair and applies it to both arms,
   and averages ``metric(init) - metric(none)``. The point estimate is the mean over pairs of the
   run-level differences.
-- CIs are percentile intervals at the configured level. A cell with one value and no per-case
-  records has no CI (NaN). Every draw comes from a ``numpy.random.Generator`` seeded from the
-  study seed and the cell's name, so a table is reproducible and one cell's CI does not depend
-  on which other cells exist.
+- CIs are percentile intervals at the configured level. A cell with a single seed and at most
+  one test case has no CI (NaN): there is nothing to resample. With few seeds and one test case
+  (the demo), the interval reflects seed variation only and is crude (2 seeds: about their range).
+  Every draw comes from a ``numpy.random.Generator`` seeded from the study seed and the cell's
+  name, so a table is reproducible and one cell's CI does not depend on which other cells exist.
+- The resampling unit within a run is the test case (all slices of a case move together), never
+  the slice: slices of one volume are correlated, and treating them as independent would make
+  the intervals too narrow.
 """
 
 from __future__ import annotations
@@ -207,7 +211,8 @@ def summarise_cell(
         units = [Unit(u.seed, u.value, None) for u in units]
     n_cases = max((u.cases.n for u in units if u.cases is not None), default=0)
     std = float(values.std(ddof=1)) if values.size > 1 else math.nan
-    if values.size < 2 and n_cases == 0:
+    if values.size < 2 and n_cases < 2:
+        # One value and nothing to resample within it: an interval would claim certainty.
         return CellSummary(int(values.size), 0, float(values.mean()), std, math.nan, math.nan)
     picks = rng.integers(0, len(units), size=(n_samples, len(units)))
     replicates = _draw_run_values(units, picks, rng).mean(axis=1)
@@ -259,7 +264,7 @@ def paired_difference(
             aligned.append((a.cases.aligned(common), b.cases.aligned(common)) if common else None)
         else:
             aligned.append(None)
-    if len(pairs) < 2 and all(x is None for x in aligned):
+    if len(pairs) < 2 and all(x is None or x[0].n < 2 for x in aligned):
         return PairedSummary(len(pairs), float(diffs.mean()), math.nan, math.nan)
     picks = rng.integers(0, len(pairs), size=(n_samples, len(pairs)))
     drawn = np.empty(picks.shape, dtype=np.float64)

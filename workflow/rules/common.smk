@@ -22,9 +22,14 @@ def as_json(obj):
 
 
 def rule_resources(name, **defaults):
-    """Resources of rule `name`: defaults, overridden by config `resources.<name>`."""
+    """Resources for the named rule: defaults, overridden by config `resources.<name>`.
+
+    Threads are not a resource (they go through `threads:` and rule_threads), so any
+    `threads` entry is left out here.
+    """
     merged = dict(defaults)
     merged.update(config.get("resources", {}).get(name, {}))
+    merged.pop("threads", None)
     return merged
 
 
@@ -263,7 +268,7 @@ def drr_source_cases(wildcards):
 
 
 def rule_threads(name, default):
-    """Threads of rule `name`: config `resources.<name>.threads`, else `default`."""
+    """Threads for the named rule: config `resources.<name>.threads`, else `default`."""
     return int(config.get("resources", {}).get(name, {}).get("threads", default))
 
 
