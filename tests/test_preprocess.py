@@ -273,3 +273,14 @@ def test_nibabel_reference_affine_is_respected_for_lps_input(tmp_path):
     np.testing.assert_allclose(result.store_affine, canonical.affine, atol=1e-6)
     expected = np.clip((np.asarray(canonical.dataobj, dtype=np.float32) + 1000) / 2000, 0, 1)
     np.testing.assert_allclose(np.moveaxis(result.image, 0, 2), expected, atol=1e-5)
+
+
+def test_cli_preprocess_standalone_image(tmp_path):
+    from medclust.cli import main
+
+    path = save_nifti(tmp_path / "vol.nii.gz", phantom_ct((20, 16, 6)), np.diag([2.0, 2.0, 3.0, 1.0]))
+    settings = json.dumps({"spacing": [4.0, 4.0, 3.0], "size": [12, 12], "dtype": "float32"})
+    code = main(["preprocess", "--image", str(path), "--modality", "CT", "--settings", settings, "--out", str(tmp_path / "v.h5")])
+    assert code == 0
+    case = read_case(tmp_path / "v.h5")
+    assert case.image.shape == (6, 12, 12) and case.image.dtype == np.float32 and case.case_id == "vol"

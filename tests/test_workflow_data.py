@@ -56,14 +56,12 @@ def test_dry_run_of_the_default_target_in_the_repository():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def test_lint_is_clean_for_the_data_rules():
+def test_lint_is_clean():
     done = _snakemake(["--lint"], REPO, timeout=300)
     out = done.stdout + done.stderr
-    for rule in DATA_RULES:
+    for rule in DATA_RULES:  # the data rules first, so a failure says whose rule it is
         assert not re.search(rf"Lints for rule {rule}\b", out), out
-    assert "rules/data.smk:\n" not in out and "Lints for snakefile" not in out.replace(
-        "Lints for snakefile " + str(REPO / "workflow/rules/common.smk"), ""
-    ), out
+    assert done.returncode == 0 and "Lints for" not in out, out
 
 
 def _synthetic_study(root: Path) -> None:
