@@ -75,7 +75,7 @@ def main(out: Path, stores: dict[str, str]) -> None:
     toy = Trainer(toy_config(), out / "toy", out / "toy" / "checkpoint").fit(TinySwAVTask())
     torch.save(toy.state_dict(), out / f"toy_rank{rank}.pt")
 
-    settings = resolve_settings(tiny_settings(steps=3, batch_size_2d=8, batch_size_3d=2))
+    settings = resolve_settings(tiny_settings(steps=3, batch_size_2d=12, batch_size_3d=2))  # 4 items + 2 volumes
     cfg = TrainerConfig.from_dict({**settings, "progress": False, "tensorboard": False})
     joint = Trainer(cfg, out / "joint", out / "joint" / "checkpoint").fit(PretrainTask("joint", settings, collect_cases(stores)))
     torch.save(joint.state_dict(), out / f"joint_rank{rank}.pt")

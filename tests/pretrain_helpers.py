@@ -65,8 +65,8 @@ def tiny_settings(**overrides: Any) -> dict[str, Any]:
     """A pretraining config small enough for unit tests (resnet10 on 16x16, light augmentation)."""
     settings: dict[str, Any] = {
         "backbone": "resnet10", "d_model": 32, "proj_dim": 16, "heads": 2, "points": 2, "layers": 1,
-        "k_2d": 6, "k_3d": 3, "queue_length": 0, "queue_length_3d": 0, "s_max": 6, "batch_size_2d": 8,
-        "batch_size_3d": 2, "view_size": [SIZE, SIZE], "volume_size": [SIZE, SIZE], "steps": 24, "lr": 1e-3,
+        "k_2d": 6, "k_3d": 3, "queue_length": 0, "queue_length_3d": 0, "s_max": 4, "batch_size_2d": 10,
+        "batch_size_3d": 1, "view_size": [SIZE, SIZE], "volume_size": [SIZE, SIZE], "steps": 24, "lr": 1e-3,
         "warmup_steps": 2, "freeze_prototypes_steps": 5, "checkpoint_every": 100, "log_every": 1,
         "num_workers": 0, "embed_max_slices": 0, "seed": 0,
         "augment": {"crop_scale": [0.8, 1.0], "affine_prob": 0.0, "noise_prob": 0.0, "contrast_prob": 0.3, "intensity_prob": 0.3},

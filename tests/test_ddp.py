@@ -32,7 +32,8 @@ def test_two_ranks_match_one_process_and_each_other(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "ddp_helpers.py"), str(out), json.dumps(stores)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (tmp_path / "torchrun.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, f"torchrun failed, see {tmp_path / 'torchrun.log'}:\n" + done.stderr[-3000:]
 
     # every parameter and buffer identical on both ranks (gradients averaged, buffers broadcast)
     for name in ("toy", "joint"):

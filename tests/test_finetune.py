@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +24,7 @@ from medclust.data.downstream import (
     resolve_label_groups,
     simulate_nodules,
     slab_layout,
+    slice_centre_heatmap,
     slice_targets_from_mask,
 )
 from medclust.errors import MedclustError
@@ -109,6 +109,14 @@ def test_plan_slabs_nested_fractions_and_fixed_test():
     other_seed = plan_splits(cases, None, "slabs", 0.25, seed=2, slabs=TINY["slabs"], context_slices=1)
     np.testing.assert_array_equal(other_seed.test["vol"], plans[0.25].test["vol"])  # test never depends on the seed
     np.testing.assert_array_equal(other_seed.val["vol"], plans[0.25].val["vol"])
+
+
+def test_slabs_cover_only_the_labelled_extent():
+    cases = [_case("vol", 60)]
+    plan = plan_splits(cases, None, "slabs", 1.0, seed=0, slabs=TINY["slabs"], extents={"vol": (10, 49)})
+    used = np.concatenate([plan.train["vol"], plan.val["vol"], plan.test["vol"]])
+    assert used.min() >= 10 and used.max() <= 49
+    assert set(plan.layout["vol"][:10]) == {""} and set(plan.layout["vol"][50:]) == {""}
 
 
 def test_plan_cases_disjoint_and_case_fractions():
@@ -223,6 +231,13 @@ def test_simulated_nodules_stay_in_the_organ_and_away_from_lesions():
     assert np.min(np.linalg.norm((centres - avoid) * [4.0, 2.0, 2.0], axis=1)) >= 12.0
     again = simulate_nodules(image, organ, (4.0, 2.0, 2.0), np.random.default_rng(0), 4, (4.0, 8.0), (0.5, 0.5), avoid=avoid, avoid_mm=12.0)
     np.testing.assert_array_equal(again[1], centres)
+
+
+def test_slice_centre_heatmap_marks_every_visible_slice():
+    heat = slice_centre_heatmap((12, 32, 32), np.array([[5.2, 10.0, 20.0]]), np.array([20.0]), (4.0, 2.0, 2.0))
+    peaks = heat.reshape(12, -1).max(axis=1)
+    assert set(np.flatnonzero(peaks == 1.0)) == {3, 4, 5, 6, 7}  # within 0.8 * 10 mm of z = 20.8 mm
+    assert heat[5, 10, 20] == 1.0 and peaks[0] == 0.0
 
 
 def test_peak_grouping_gives_world_positions():
@@ -377,3 +392,44 @@ def test_detection_run_trained_on_simulated_nodules(tmp_path):
 def test_init_requires_encoder(tmp_path, chest_store):
     with pytest.raises(MedclustError, match="encoder"):
         run_finetune(_seg_settings(), chest_store, tmp_path / "x", "joint", 1.0, 0)
+
+
+def test_cli_finetune(tmp_path, chest_store):
+    from medclust.cli import main
+
+    settings = json.dumps(_seg_settings(steps=1, eval_every=1))
+    out = tmp_path / "cli_run"
+    assert main(["finetune", "--settings", settings, "--slices", str(chest_store), "--init", "none",
+                 "--fraction", "1.0", "--seed", "0", "--out", str(out)]) == 0
+    assert (out / "model.pt").is_file() and json.loads((out / "run.json").read_text())["selection"]["best_step"] == 1
+    # a bad input is one line and exit 2, not a traceback
+    assert main(["finetune", "--settings", settings, "--slices", str(tmp_path / "missing"), "--init", "none",
+                 "--fraction", "1.0", "--seed", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_detection_on_one_volume_with_slabs_and_real_lesions(tmp_path):
+    img, _ = phantom(40, seed=4)
+    attrs = {"store_affine": store_affine().tolist(), "slice_axis": 2}
+    centres = np.array([[5.0, 10.0, 10.0], [20.0, 16.0, 16.0], [35.0, 20.0, 12.0]])
+    for c in centres.astype(int):
+        img[c[0] - 1 : c[0] + 2, c[1] - 2 : c[1] + 3, c[2] - 2 : c[2] + 3] = 0.7
+    store = write_store(tmp_path / "slices", "ct", [{"case_id": "scan", "image": img}])
+    world = store_index_to_world(attrs, centres)
+    table = tmp_path / "lesions.csv"
+    table.write_text("case_id,x_mm,y_mm,z_mm,diameter_mm\n" + "".join(f"scan,{x:.2f},{y:.2f},{z:.2f},8\n" for x, y, z in world))
+    settings = {**TINY, "task": "les", "type": "detection", "dataset": "ct", "lesion_table": str(table),
+                "split": "slabs", "train_targets": "lesions", "min_score": 0.0,
+                "slabs": {"blocks": 1, "val_fraction": 0.25, "test_fraction": 0.25, "gap_mm": 4.0}}
+    data = prepare_task_data(settings, store, 1.0, 0)
+    layout = data.plan.layout["scan"]
+    assert list(layout[[5, 20, 35]]) == ["train", "val", "test"]
+    heat = data.case("scan").target
+    assert heat[5].max() == 1.0 and heat[20].max() == 1.0 and heat[35].max() == 0.0  # the test lesion is no target
+    out = tmp_path / "run"
+    run_finetune(settings, store, out, "none", 1.0, 0)
+    (case,) = json.loads((out / "run.json").read_text())["test_cases"]
+    assert len(case["lesions"]) == 1 and abs(case["lesions"][0]["z_mm"] - world[2, 2]) < 1e-6  # only the test-slab lesion
+    assert case["roi_z_mm"]
+    rows = list(csv.DictReader(open(out / "detections.csv")))
+    lo, hi = case["roi_z_mm"][0]
+    assert rows and all(lo - 1e-6 <= float(r["z_mm"]) <= hi + 1e-6 for r in rows)

@@ -63,9 +63,10 @@ def test_batches_are_deterministic_two_view_and_padded(stores: dict[str, Path]) 
     for a, b in zip(first, again):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     batch = first[0]
-    assert batch["views2d"].shape == (2, 8, 1, SIZE, SIZE)
+    # batch_size_2d 10 = 6 items drawn on their own + the s_max 4 slices of batch_size_3d 1 volume
+    assert batch["views2d"].shape == (2, 6, 1, SIZE, SIZE)
     assert not torch.equal(batch["views2d"][0], batch["views2d"][1])
-    assert batch["volumes"].shape == (2, 2, 6, SIZE, SIZE) and batch["valid"].shape == (2, 2, 6)
+    assert batch["volumes"].shape == (2, 1, 4, SIZE, SIZE) and batch["valid"].shape == (2, 1, 4)
     assert torch.equal(batch["z_mm"][0], batch["z_mm"][1])  # one z window per volume, shared by its views
     assert int(batch["valid"].sum(-1).min()) >= 2
     assert not torch.equal(batch["volumes"][0], batch["volumes"][1])
@@ -75,9 +76,14 @@ def test_batches_are_deterministic_two_view_and_padded(stores: dict[str, Path]) 
     assert not torch.equal(list(task.batches(1, 0, 1))[0]["views2d"], batch["views2d"])
 
 
-@pytest.mark.parametrize("method", ["joint", "swav2d", "deepcluster2d"])
-def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: str) -> None:
-    settings = resolve_settings(tiny_settings(steps=24))
+# DeepCluster re-clusters every epoch and its loss jumps with the new targets; with one step per
+# epoch (20 of the 39 items) it re-clusters every step, and the loss still has to come down
+@pytest.mark.parametrize(
+    "method, extra",
+    [("joint", {}), ("swav2d", {}), ("deepcluster2d", {"batch_size_2d": 20, "lr": 3e-3, "freeze_prototypes_steps": 0})],
+)
+def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: str, extra: dict) -> None:
+    settings = resolve_settings(tiny_settings(steps=24, **extra))
     trainer = _trainer(tmp_path, settings)
     trainer.fit(PretrainTask(method, settings, collect_cases(stores)))
     rows = trainer.history
@@ -87,9 +93,8 @@ def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: st
     if method == "joint":
         assert {"loss_intra", "loss_inter", "loss_mask"} <= rows[-1].keys()
         assert np.mean([r["loss_mask"] for r in rows[-6:]]) < np.mean([r["loss_mask"] for r in rows[:6]])
-    if method != "deepcluster2d":
-        # below the uniform-prediction level ln(K): the swapped prediction has learned something
-        assert min(r["loss_intra"] for r in rows[-6:]) < math.log(settings["k_2d"])
+    # below the uniform-prediction level ln(K): the prediction has learned something
+    assert min(r["loss_intra"] for r in rows[-6:]) < math.log(settings["k_2d"])
 
 
 class _KillAt(PretrainTask):
@@ -188,7 +193,7 @@ def test_unknown_method_and_missing_data_fail_clearly(stores: dict[str, Path], t
 @pytest.mark.slow
 def test_cli_sigterm_exits_143_and_rerun_resumes(stores: dict[str, Path], tmp_path: Path) -> None:
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps(tiny_settings(steps=10, checkpoint_every=1, log_every=2)))
+    settings.write_text(json.dumps(tiny_settings(steps=6, checkpoint_every=1, log_every=2)))
     out = tmp_path / "pretrain" / "joint"
     cmd = [sys.executable, "-m", "medclust.cli", "pretrain", "--method", "joint", "--settings", f"@{settings}",
            "--stores", str(stores["ct"]), str(stores["xr"]), "--out", str(out), "--threads", "1"]
@@ -206,8 +211,8 @@ def test_cli_sigterm_exits_143_and_rerun_resumes(stores: dict[str, Path], tmp_pa
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     step = int(re.search(r"resuming from step (\d+)", done.stderr).group(1))
-    assert 1 <= step < 10
+    assert 1 <= step < 6
     for name in ("encoder.pt", "metrics.csv", "embeddings.npz", "provenance.json"):
         assert (out / name).is_file()
     with open(out / "metrics.csv") as handle:
-        assert [int(r["step"]) for r in csv.DictReader(handle)] == [2, 4, 6, 8, 10]
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [2, 4, 6]

@@ -61,7 +61,7 @@ def test_cell_constant_values_zero_width_and_case_level_ci():
     assert cell.ci_low < cell.mean < cell.ci_high and cell.ci_high - cell.ci_low < 0.1
     # One seed, one test case: nothing to resample, no interval (not a zero-width one).
     cell = summarise_cell(_units({0: np.array([0.5])}), 100, 0.95, rng)
-    assert cell.mean == 0.5 and math.isnan(cell.ci_low) and math.isnan(cell.ci_high)
+    assert cell.mean == 0.5 and cell.n_cases == 1 and math.isnan(cell.ci_low) and math.isnan(cell.ci_high)
 
 
 def test_paired_difference_of_shifted_copy_is_the_shift():

@@ -50,6 +50,7 @@ __all__ = [
     "slab_layout",
     "slice_targets_from_mask",
     "simulate_nodules",
+    "slice_centre_heatmap",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -576,6 +577,52 @@ def gaussian_heatmap(
         g = np.exp(-sum((grids[a] - c[a]) ** 2 / (2.0 * float(sigma[a]) ** 2) for a in range(3)))
         region = tuple(slice(lo[a], hi[a]) for a in range(3))
         heat[region] = np.maximum(heat[region], g.astype(np.float32))
+    return heat
+
+
+def slice_centre_heatmap(
+    shape: Sequence[int],
+    centres: np.ndarray,
+    diameters_mm: np.ndarray,
+    spacing: Sequence[float],
+    min_sigma_mm: float = 4.0,
+    visible: float = 0.8,
+) -> np.ndarray:
+    """Per-slice (2D CenterNet) centre heatmaps of 3D objects, in store layout.
+
+    Every slice that cuts an object within ``visible`` of its radius from the centre gets a 2D
+    Gaussian with its peak exactly 1 at the object's in-plane centre (a positive of the focal
+    loss on that slice), sigma = max(``min_sigma_mm``, cross-section radius / 2). Each slice of a
+    nodule is thus a training positive; the per-slice peaks are grouped back into one 3D
+    detection at inference (:func:`medclust.evaluate.predict.group_peaks`).
+
+    Args:
+        shape: (S, H, W).
+        centres: (N, 3) float ``(slice, row, col)`` indices.
+        diameters_mm: (N,) object diameters.
+        spacing: (slice, row, col) voxel size in mm.
+        min_sigma_mm: smallest Gaussian sigma.
+        visible: slices within ``visible * radius`` of the centre are positives.
+
+    Returns:
+        (S, H, W) float32 in [0, 1].
+    """
+    heat = np.zeros(tuple(int(n) for n in shape), dtype=np.float32)
+    sz, sr, sc = (float(v) for v in spacing)
+    rows, cols = np.arange(heat.shape[1])[:, None], np.arange(heat.shape[2])[None, :]
+    for centre, diameter in zip(np.atleast_2d(centres), np.atleast_1d(diameters_mm)):
+        radius = float(diameter) / 2.0
+        reach = int(np.floor(visible * radius / sz))
+        c_s = int(round(float(centre[0])))
+        r0, c0 = int(round(float(centre[1]))), int(round(float(centre[2])))
+        for s in range(c_s - reach, c_s + reach + 1):
+            if not 0 <= s < heat.shape[0]:
+                continue
+            dz = abs(float(centre[0]) - s) * sz
+            cross = math.sqrt(max(radius**2 - dz**2, 0.0))
+            sigma = max(min_sigma_mm, cross / 2.0)
+            g = np.exp(-(((rows - r0) * sr) ** 2 + ((cols - c0) * sc) ** 2) / (2 * sigma**2))
+            heat[s] = np.maximum(heat[s], g.astype(np.float32))
     return heat
 
 

@@ -128,7 +128,7 @@ def find_peaks(heat: np.ndarray, min_score: float = 0.1, max_peaks: int = 20, wi
     """
     t = torch.as_tensor(heat, dtype=torch.float32)[None, None]
     pooled = F.max_pool2d(t, window, stride=1, padding=window // 2)
-    keep = (t == pooled) & (t >= min_score)
+    keep = (t == pooled) & (t >= min_score) & (t > 0)  # a flat zero plane has no peaks
     rows, cols = torch.nonzero(keep[0, 0], as_tuple=True)
     scores = t[0, 0, rows, cols]
     order = torch.argsort(scores, descending=True)[:max_peaks]
@@ -206,7 +206,7 @@ def group_peaks(
     for group in groups[:max_detections]:
         arr = np.array([[p[1], p[2], p[3]] for p in group], dtype=float)
         w = np.array([p[0] for p in group])
-        centre = (arr * w[:, None]).sum(0) / w.sum()
+        centre = (arr * w[:, None]).sum(0) / max(float(w.sum()), 1e-12)
         slices = sorted({int(p[1]) for p in group})
         extent_z = (slices[-1] - slices[0] + 1) * spacing[0]
         detections.append(

@@ -213,7 +213,7 @@ def summarise_cell(
     std = float(values.std(ddof=1)) if values.size > 1 else math.nan
     if values.size < 2 and n_cases < 2:
         # One value and nothing to resample within it: an interval would claim certainty.
-        return CellSummary(int(values.size), 0, float(values.mean()), std, math.nan, math.nan)
+        return CellSummary(int(values.size), n_cases, float(values.mean()), std, math.nan, math.nan)
     picks = rng.integers(0, len(units), size=(n_samples, len(units)))
     replicates = _draw_run_values(units, picks, rng).mean(axis=1)
     low, high = percentile_interval(replicates, level)

@@ -34,3 +34,25 @@ __all__ = [
     "set_prototypes_frozen",
     "z_position_encoding",
 ]
+
+# --- downstream task heads (fine-tuning stage; begin) ---
+from medclust.models.heads import (  # noqa: E402
+    ClassificationNet,
+    HeatmapFocalLoss,
+    SegmentationNet,
+    adapt_first_conv,
+    build_task_model,
+    heatmap_focal_loss,
+    load_encoder_weights,
+)
+
+__all__ += [
+    "ClassificationNet",
+    "HeatmapFocalLoss",
+    "SegmentationNet",
+    "adapt_first_conv",
+    "build_task_model",
+    "heatmap_focal_loss",
+    "load_encoder_weights",
+]
+# --- downstream task heads (end) ---

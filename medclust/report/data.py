@@ -140,6 +140,7 @@ def segmentation_example(run_dirs: Mapping[str, str | Path], n_slices: int = 3) 
         "seed": run.get("seed"),
         "classes": run.get("classes", {}),
         "simulated": _simulated(run),
+        "trained_on": run.get("trained_on", ""),
     }
     if not cases:
         return {**base, "image": np.zeros((0, 1, 1))}

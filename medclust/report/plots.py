@@ -79,8 +79,12 @@ def plot_loss_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: 
     present = [c for c in LOSS_COLUMNS if any(np.isfinite(np.asarray(v.get(c, []), float)).any() for v in curves.values())]
     if not present:
         return _empty(path, "Pretraining loss", "no pretraining loss was logged (random init only?)")
-    fig = Figure(figsize=(4.2 * len(present), 3.4), layout="constrained")
-    axes = fig.subplots(1, len(present), squeeze=False)[0]
+    ncols = min(len(present), 2)
+    nrows = math.ceil(len(present) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(present) :]:
+        ax.axis("off")
     for ax, column in zip(axes, present):
         for i, (method, data) in enumerate(sorted(curves.items())):
             y = np.asarray(data.get(column, []), dtype=float)
@@ -93,7 +97,8 @@ def plot_loss_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: 
         ax.set_title(column)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (raw: faint; moving average: solid)")
+    for ax in axes[: len(present) : ncols]:
+        ax.set_ylabel("loss (faint: logged; solid: moving average)")
     axes[0].legend(title="method", fontsize=8)
     fig.suptitle("Pretraining loss curves")
     return _save(fig, path)
@@ -116,9 +121,11 @@ def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Fix the sign of each component so the picture is deterministic across platforms.
     signs = np.sign(vt[np.arange(vt.shape[0]), np.abs(vt).argmax(axis=1)])
     signs[signs == 0] = 1
-    coords = u[:, :2] * s[:2] * signs[:2]
     total = float((s**2).sum())
     ratio = (s[:2] ** 2) / total if total > 0 else np.zeros(min(2, s.size))
+    # Components without variance (fewer points than dimensions) are rounding noise: flatten them.
+    keep = ratio > 1e-9
+    coords = u[:, :2] * s[:2] * signs[:2] * keep
     if coords.shape[1] < 2:
         coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
         ratio = np.pad(ratio, (0, 2 - ratio.size))
@@ -177,7 +184,12 @@ def plot_embedding_map(embeddings: Mapping[str, Any], path: str | Path, title: s
         group = [f"{d} ({m})" if str(m) else str(d) for d, m in zip(dataset, modality)]
         cluster = embeddings.get(f"{level}_cluster", [-1] * n)
         _scatter_by(row[0], coords, group, f"{level} embeddings (n={n}) by dataset (modality)")
-        _scatter_by(row[1], coords, [int(c) for c in cluster], f"{level} embeddings by assigned cluster")
+        clusters = [int(c) for c in cluster]
+        if all(c < 0 for c in clusters):
+            # e.g. the volume level of a 2D-only method: no prototypes assign volumes to clusters
+            _scatter_by(row[1], coords, ["none"] * n, f"{level} embeddings: no cluster assignment")
+        else:
+            _scatter_by(row[1], coords, clusters, f"{level} embeddings by assigned cluster")
         for ax in row:
             ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
             ax.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
@@ -189,8 +201,12 @@ def plot_embedding_map(embeddings: Mapping[str, Any], path: str | Path, title: s
 # --- study ------------------------------------------------------------------------------------
 
 
-def _title_with_note(title: str, simulated: bool) -> str:
-    return f"{title}\n[{SIMULATED_NOTE}]" if simulated else title
+def _title_with_note(title: str, simulated: bool, trained_on: str = "") -> str:
+    """``title`` plus a SIMULATED marker saying what was simulated, when anything was."""
+    if not simulated:
+        return title
+    what = "; ".join(t for t in str(trained_on or "").split(";") if "simulated" in t.lower())
+    return f"{title}\n[{SIMULATED_NOTE}: trained on {what}]" if what else f"{title}\n[{SIMULATED_NOTE}]"
 
 
 def plot_study_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str | None = None) -> Path:
@@ -252,7 +268,8 @@ def plot_study_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, metri
         ax.set_xticks(fractions)
         ax.set_xticklabels([f"{f:g}" for f in fractions])
         ax.grid(alpha=0.3)
-    fig.suptitle(_title_with_note(f"Task {task}: does pretraining help?", simulated))
+    trained_on = ";".join(sorted({str(r.get("trained_on", "")) for r in rows}))
+    fig.suptitle(_title_with_note(f"Task {task}: does pretraining help?", simulated, trained_on))
     return _save(fig, path)
 
 
@@ -326,6 +343,7 @@ def plot_study_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
         _title_with_note(
             f"Study table, task {task} ({level:.0%} bootstrap CIs over seeds and test cases; primary metric shaded)",
             simulated,
+            ";".join(sorted({str(r.get("trained_on", "")) for r in rows})),
         ),
         fontsize=10,
     )
@@ -422,7 +440,7 @@ def plot_segmentation_overlays(example: Mapping[str, Any], path: str | Path) -> 
         f"Task {example.get('task')}: test case {example.get('case_id')} "
         f"(fraction {example.get('fraction')}, seed {example.get('seed')})"
     )
-    fig.suptitle(_title_with_note(title, bool(example.get("simulated"))))
+    fig.suptitle(_title_with_note(title, bool(example.get("simulated")), str(example.get("trained_on", ""))))
     return _save(fig, path)
 
 
@@ -466,8 +484,9 @@ def plot_detection_examples(example: Mapping[str, Any], path: str | Path) -> Pat
     fig.suptitle(
         _title_with_note(
             f"Task {example.get('task')}: ground truth (green circles), detections (x: yellow = hit, red = FP)"
-            f"\nfraction {example.get('fraction')}, seed {example.get('seed')}; trained on {example.get('trained_on')}",
+            f"\nfraction {example.get('fraction')}, seed {example.get('seed')}; ground truth: the test lesion table",
             bool(example.get("simulated")),
+            str(example.get("trained_on", "")),
         ),
         fontsize=10,
     )

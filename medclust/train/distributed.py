@@ -10,6 +10,7 @@ norm running statistics) are broadcast from rank 0 before each step, as DDP does
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -46,8 +47,8 @@ class DistContext:
         world_size: number of processes.
         local_rank: rank on this node (selects the GPU).
         device: the device this process trains on.
-        owns_group: True when :func:`init_distributed` created the process group (and so
-            :func:`shutdown_distributed` should destroy it).
+        owns_group: True when :func:`init_distributed` created the process group (it is
+            destroyed at process exit, or by :func:`shutdown_distributed`).
     """
 
     rank: int = 0
@@ -104,12 +105,27 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistContext:
         **({"device_id": device} if device.type == "cuda" else {}),
     )
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, True)
+    # kept for the life of the process: re-creating the default group on torchrun's store (a
+    # second Trainer.fit in one process) races with the previous group's rendezvous keys
+    atexit.register(_destroy_at_exit)
     log.info("distributed: rank %d of %d on %s (%s)", ctx.rank, ctx.world_size, device, backend)
     return ctx
 
 
+def _destroy_at_exit() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+            pass
+
+
 def shutdown_distributed(ctx: DistContext) -> None:
-    """Destroy the process group if ``ctx`` created it (after a final barrier)."""
+    """Destroy the process group if ``ctx`` created it (after a final barrier).
+
+    The trainer does not call this (the group lives until the process exits, so several
+    ``fit`` calls can share it); call it to release the group earlier.
+    """
     if ctx.owns_group and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ stream of the run it replaces. Three pieces make that work:
 from __future__ import annotations
 
 import random
+import signal
 from typing import Any
 
 import numpy as np
@@ -47,9 +48,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    # MONAI's set_determinism seeds torch/numpy/random and makes cuDNN deterministic
     set_determinism(seed=seed % 2**32, use_deterministic_algorithms=deterministic or None)
     torch.manual_seed(seed)
+    # set_determinism also forces deterministic cuDNN kernels; only keep that when asked for.
+    # cudnn.benchmark stays off: encoder batch sizes vary (real slices per step), so autotuning
+    # would re-run on most steps
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
 
 
 def loader_generator(seed: int, epoch: int = 0) -> torch.Generator:
@@ -64,11 +69,16 @@ def loader_generator(seed: int, epoch: int = 0) -> torch.Generator:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed ``random`` and NumPy in a DataLoader worker from the seed torch gave it.
+    """Seed ``random`` and NumPy in a DataLoader worker; leave pre-emption signals to the trainer.
 
     torch seeds each worker with ``base_seed + worker_id`` (base seed from the loader's
     generator) but leaves ``random`` and NumPy alone; without this, forked workers share them.
+    SLURM signals every process of a job: a worker dying on SIGTERM would crash the main
+    process's next batch fetch before it can checkpoint, so workers ignore SIGTERM/SIGUSR1 (they
+    exit with the main process).
     """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(derive_seed(seed, worker_id))

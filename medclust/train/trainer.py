@@ -41,8 +41,8 @@ from medclust.train.distributed import (
     all_reduce_gradients,
     all_reduce_tensor,
     broadcast_module,
+    barrier,
     init_distributed,
-    shutdown_distributed,
 )
 from medclust.train.metrics_logger import MetricsLogger
 from medclust.train.optim import build_optimizer, default_param_groups
@@ -81,7 +81,7 @@ class TrainerConfig:
         keep_checkpoints: complete checkpoints kept on disk.
         log_every: steps averaged into one metrics row.
         amp: bf16 autocast on CUDA (ignored on CPU, where bf16 is slow and fp32 is exact).
-        compile: ``torch.compile`` the model used in ``training_step``.
+        compile: ``torch.compile`` the model in place (or what the task's ``compile_model`` picks).
         seed: run seed (model initialisation, per-rank random streams).
         deterministic: request deterministic torch algorithms (slower on GPU).
         progress: show a tqdm progress bar on stderr (rank 0).
@@ -161,6 +161,8 @@ class TrainTask(Protocol):
     - ``signature() -> dict`` — settings that identify the run (a checkpoint written under
       other settings is discarded instead of resumed);
     - ``batch_size(batch) -> int`` — items in a batch, for items/s (default: first tensor's length);
+    - ``compile_model(model)`` — with ``compile: true``, compile the parts ``training_step`` calls
+      (default: ``model.compile()``, which only speeds up ``model(...)`` calls);
     - ``batches`` may accept a keyword ``start``: the number of batches of that epoch already
       consumed, to skip them cheaply on resume (otherwise the trainer iterates past them).
     """
@@ -339,14 +341,8 @@ class Trainer:
             MedclustError: non-finite loss or gradient (the last good checkpoint is kept), a task
                 that yields no batches, unreadable checkpoints.
         """
-        self.context = ctx = init_distributed()
-        try:
-            return self._fit(task)
-        finally:
-            if ctx.owns_group and torch.distributed.is_initialized():
-                # an exception left the loop (the normal path shut the group down already)
-                with contextlib.suppress(Exception):
-                    torch.distributed.destroy_process_group()
+        self.context = init_distributed()
+        return self._fit(task)
 
     def _fit(self, task: Any) -> nn.Module:
         cfg, ctx = self.config, self.context
@@ -368,7 +364,9 @@ class Trainer:
             # distinct random streams per rank (dropout, masking); the data order is the task's
             torch.manual_seed(derive_seed(cfg.seed, self.step, ctx.rank, 0x5EED))
         logger = MetricsLogger(self.out_dir, enabled=ctx.is_main, history=history, resume_step=self.step, tensorboard=cfg.tensorboard)
-        train_model: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+        if cfg.compile:
+            # in place (same module, same state_dict keys); tasks that call sub-modules choose what to compile
+            task.compile_model(model) if hasattr(task, "compile_model") else model.compile()
         model.train()
 
         window: dict[str, float] = {}
@@ -402,7 +400,7 @@ class Trainer:
                             broadcast_module(model, ctx, buffers_only=True)
                         optimizer.zero_grad(set_to_none=True)
                         with self._autocast():
-                            out = task.training_step(train_model, batch, self.step)
+                            out = task.training_step(model, batch, self.step)
                         if "loss" not in out:
                             raise MedclustError(f"training_step at step {self.step} returned no 'loss' (keys: {sorted(out)})")
                         loss = out["loss"]
@@ -473,7 +471,7 @@ class Trainer:
         self.history = logger.rows
         if self.step > self.start_step and ctx.is_main:
             log.info("finished %d steps (loss %.4f)", self.step, logger.rows[-1]["loss"] if logger.rows else float("nan"))
-        shutdown_distributed(ctx)
+        barrier(ctx)
         return model.cpu()
 
     def _non_finite(self, what: str, values: dict[str, float]) -> None:

@@ -41,7 +41,6 @@ from medclust.data.downstream import (
     TaskCase,
     context_stack,
     crop_box,
-    gaussian_heatmap,
     hu_to_unit,
     load_cases,
     plan_splits,
@@ -49,6 +48,7 @@ from medclust.data.downstream import (
     remap_labels,
     resolve_label_groups,
     simulate_nodules,
+    slice_centre_heatmap,
     slice_targets_from_mask,
 )
 from medclust.errors import BadInputError, MedclustError
@@ -197,11 +197,6 @@ def _spacing(case: TaskCase) -> tuple[float, float, float]:
     return case.slice_spacing, rows, cols
 
 
-def _heat_sigmas(diameters: np.ndarray, spacing: Sequence[float], min_sigma_mm: float) -> np.ndarray:
-    sig_mm = np.maximum(np.asarray(diameters, dtype=float) / 4.0, min_sigma_mm)
-    return sig_mm[:, None] / np.asarray(spacing, dtype=float)[None, :]
-
-
 def prepare_task_data(
     settings: Mapping[str, Any],
     slices_dir: str | os.PathLike[str],
@@ -291,7 +286,9 @@ def prepare_task_data(
     else:
         cases_for_plan = data.train_cases
     extents = None
-    if kind == "segmentation" or (kind == "classification" and not data.case_level):
+    if kind == "segmentation":
+        # slabs over the labelled z range only: a slab above the head has nothing to score
+        # (slice classification keeps every slice: label-free slices are its negatives)
         extents = {}
         for c in cases_for_plan:
             flat = np.asarray(c.target).reshape(c.num_slices, -1)
@@ -321,6 +318,11 @@ def prepare_task_data(
         plan = _apply_fraction_to_plan(plan, fraction, seed, settings)
     if not same:
         plan.test = {c.case_id: np.arange(c.num_slices) for c in data.test_cases}
+    if data.case_level:
+        unlabelled = sorted(cid for cid in plan.test if data.case(cid, train=same).target is None)
+        if unlabelled:
+            log.warning("test cases without class_label are not predicted: %s", ", ".join(unlabelled))
+        plan.test = {cid: v for cid, v in plan.test.items() if cid not in unlabelled}
     if not plan.test:
         raise MedclustError(f"finetune task {settings.get('task')!r}: no test cases (check splits.json / slab settings)")
     data.plan = plan
@@ -350,10 +352,10 @@ def _prepare_detection(data: TaskData, settings: Mapping[str, Any], label_names:
     data.lesion_table = read_lesion_table(table_path)
     data.classes = {0: str(settings.get("lesion_name", "lesion"))}
     data.num_outputs = 1
-    source = settings.get("train_targets", "simulated")
+    source = settings.get("train_targets", "lesions")
     sim = dict(settings.get("simulate") or {})
     min_sigma = float(settings.get("heatmap_sigma_mm", 4.0))
-    strategy = settings.get("split", "slabs")
+    strategy = settings.get("split", "cases")
     splits = read_store_json(Path(data.train_cases[0].path).parent, "splits.json") if strategy == "cases" else None
     # splits first: nodules are simulated in train and val regions only, never across a gap
     plan = plan_splits(
@@ -374,9 +376,9 @@ def _prepare_detection(data: TaskData, settings: Mapping[str, Any], label_names:
         )
     elif source != "lesions":
         raise MedclustError(f"finetune task {settings.get('task')!r}: train_targets must be simulated or lesions, got {source!r}")
-    test_ids = {c.case_id for c in data.test_cases} if not data.same_dataset else set(plan.test)
     for case in data.train_cases:
-        if case.case_id in test_ids and data.same_dataset:
+        if case.case_id not in plan.train and case.case_id not in plan.val:
+            # a test case of a case-level split: no targets, nothing simulated
             case.target = np.zeros(case.image.shape, np.float32)
             continue
         spacing = _spacing(case)
@@ -390,19 +392,31 @@ def _prepare_detection(data: TaskData, settings: Mapping[str, Any], label_names:
             organ_mask = remap_labels(case.label, lut) > 0 if lut else np.ones(case.image.shape, bool)
             rng = _seed(int(sim.get("seed", 0)), seed, 0x51B)
             count = int(sim.get("count", 12))
-            # the same rng stream per (sim seed, run seed): positions are fixed for a run
-            image, centres, diam = simulate_nodules(
-                case.image,
-                organ_mask,
-                spacing,
-                rng,
-                count,
-                diameter_mm=sim.get("diameter_mm", [6.0, 20.0]),
-                intensity=hu_to_unit(np.asarray(sim.get("hu", [-100.0, 100.0]), dtype=float), window).tolist(),
-                avoid=real_idx if bool(sim.get("avoid_lesions", True)) else None,
-                avoid_mm=float(sim.get("avoid_mm", 25.0)),
-                allowed_slices=allowed,
-            )
+            # nodules in the validation slabs too (in proportion, at least one), so model
+            # selection sees positives; the rng stream is fixed by (simulate.seed, run seed)
+            regions = [allowed]
+            if layout is not None and (layout == "val").any():
+                regions = [layout == "train", layout == "val"]
+            n_val = 0 if len(regions) == 1 else max(1, int(round(count * regions[1].sum() / max(allowed.sum(), 1))))
+            image = case.image
+            avoid = real_idx if bool(sim.get("avoid_lesions", True)) else np.zeros((0, 3))
+            all_centres, all_diam = [], []
+            for region, n in zip(regions, [count - n_val, n_val]):
+                image, centres_r, diam_r = simulate_nodules(
+                    image,
+                    organ_mask,
+                    spacing,
+                    rng,
+                    n,
+                    diameter_mm=sim.get("diameter_mm", [6.0, 20.0]),
+                    intensity=hu_to_unit(np.asarray(sim.get("hu", [-100.0, 100.0]), dtype=float), window).tolist(),
+                    avoid=np.concatenate([avoid, *all_centres]) if all_centres else avoid,
+                    avoid_mm=float(sim.get("avoid_mm", 25.0)),
+                    allowed_slices=region,
+                )
+                all_centres.append(centres_r)
+                all_diam.append(diam_r)
+            centres, diam = np.concatenate(all_centres), np.concatenate(all_diam)
             case.image = image
             case.extra["simulated_lesions"] = [
                 {"index": c.tolist(), "diameter_mm": float(d)} for c, d in zip(centres, diam)
@@ -412,13 +426,17 @@ def _prepare_detection(data: TaskData, settings: Mapping[str, Any], label_names:
             pts = np.array([[r["x_mm"], r["y_mm"], r["z_mm"]] for r in rows]).reshape(-1, 3)
             centres = world_to_store_index(case.attrs, pts) if len(pts) else np.zeros((0, 3))
             diam = np.array([max(r["diameter_mm"], 3.0) for r in rows])
-        heat = gaussian_heatmap(case.image.shape, centres, _heat_sigmas(diam, spacing, min_sigma)) if len(centres) else np.zeros(case.image.shape, np.float32)
+            # lesions centred in a test slab (or a gap) are never training targets
+            centre_slice = np.clip(np.rint(centres[:, 0]).astype(int), 0, case.num_slices - 1) if len(centres) else np.zeros(0, int)
+            keep = allowed[centre_slice] if len(centres) else np.zeros(0, bool)
+            centres, diam = centres[keep], diam[keep]
+        heat = slice_centre_heatmap(case.image.shape, centres, diam, spacing, min_sigma)
         case.target = heat
         if source == "simulated" and bool(sim.get("ignore_real_lesions", False)) and len(real_idx):
             # opt-in: keep the loss away from the real lesions (they would otherwise be negatives)
             ignore = gaussian_heatmap(case.image.shape, real_idx, np.full((len(real_idx), 3), 1.0) * float(sim.get("avoid_mm", 25.0)) / 2.0 / np.asarray(spacing)) > 0.1
             case.extra["ignore"] = ignore
-        case.extra["positive_slices"] = np.flatnonzero(heat.reshape(heat.shape[0], -1).max(axis=1) >= 0.5)
+        case.extra["positive_slices"] = np.flatnonzero(heat.reshape(heat.shape[0], -1).max(axis=1) >= 1.0 - 1e-6)
     if source == "simulated" and bool(sim.get("ignore_real_lesions", False)):
         data.notes.append("the loss ignores a ball around each real lesion (opt-in ignore_real_lesions)")
 
@@ -502,7 +520,8 @@ class FinetuneTask:
 
     def _make_batch(self, chunk: Sequence[tuple[str, int]], rng: np.random.Generator) -> dict[str, Tensor]:
         if self.data.case_level:
-            bag = int(self.s.get("bag_size", 8))
+            # one bag size per run so bags stack; 2D images (one slice) give bags of one
+            bag = min(int(self.s.get("bag_size", 8)), min(len(self.plan.train[cid]) for cid, _ in self.items))
             images, targets = [], []
             for cid, _ in chunk:
                 case = self.by_id[cid]
@@ -518,7 +537,7 @@ class FinetuneTask:
             stack = context_stack(case.image, [s], self.k)[0]
             if dense:
                 centre = None
-                if self.kind == "detection" and case.target[s].max() >= 0.5:
+                if self.kind == "detection" and case.target[s].max() >= 1.0 - 1e-6:
                     centre = np.unravel_index(int(np.argmax(case.target[s])), case.target[s].shape)
                 rows, cols = crop_box(stack.shape[1:], self.patch, rng, must_contain=centre)
                 images.append(stack[:, rows, cols])
@@ -741,6 +760,8 @@ def run_finetune(
     trainer = Trainer(cfg, out_dir=out, checkpoint_dir=out / "checkpoint")
     model = trainer.fit(task)
     trained_at = time.perf_counter()
+    if not trainer.context.is_main:
+        return out / "model.pt"  # under torchrun only rank 0 predicts and writes the run folder
     if task.best_state is not None:
         model.load_state_dict(task.best_state)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -926,7 +947,16 @@ def _write_detection(model: nn.Module, data: TaskData, out: Path, s: Mapping[str
         for d in dets:
             rows.append([cid, f"{d.world[0]:.2f}", f"{d.world[1]:.2f}", f"{d.world[2]:.2f}", f"{d.score:.6f}", f"{d.diameter_mm:.1f}", d.n_slices])
         lesions = lesions_of(data.lesion_table, cid, only_case=len(test_ids) == 1)
-        entries.append({"case_id": cid, "image": case.attrs.get("source_path"), "lesions": lesions})
+        entry: dict[str, Any] = {"case_id": cid, "image": case.attrs.get("source_path"), "lesions": lesions}
+        layout = plan.layout.get(cid) if data.same_dataset else None
+        if layout is not None:
+            # slab split: only lesions centred in the test slabs are ground truth, only test slices predicted
+            pts = np.array([[r["x_mm"], r["y_mm"], r["z_mm"]] for r in lesions]).reshape(-1, 3)
+            sl = np.rint(world_to_store_index(case.attrs, pts)[:, 0]).astype(int) if len(pts) else np.zeros(0, int)
+            inside = (sl >= 0) & (sl < case.num_slices)
+            entry["lesions"] = [r for r, ok, s_ in zip(lesions, inside, sl) if ok and layout[s_] == "test"]
+            entry["roi_z_mm"] = _z_ranges(case.z_mm, layout == "test")
+        entries.append(entry)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
     write_text_atomic(out / "detections.csv", buf.getvalue())

@@ -15,8 +15,10 @@ Methods (config ``pretrain.methods``):
 Cost control of the 3D branch: both views of a volume go through the slice encoder in the same
 pass as the 2D items (one call when the sizes match) and only kept, non-padded slices are
 encoded. The two views share a z window, so a slice kept by both views is also a 2D item with
-two views: those embeddings feed L_intra too (``volume_slices_in_2d``), and the 3D objectives
-cost little beyond the slice attention. The masked objective's targets are the (stop-gradient)
+two views: with ``volume_slices_in_2d`` those embeddings feed L_intra too and take their share
+of ``batch_size_2d`` (a joint step draws ``batch_size_2d - batch_size_3d * s_max`` other 2D
+items), so a joint step encodes no more images than a swav2d step and the 3D objectives cost
+little beyond the slice attention. The masked objective's targets are the (stop-gradient)
 slice embeddings of that same pass, and one masked attention pass serves both the masked and
 the inter objective (masking doubles as a volume-level augmentation).
 
@@ -157,6 +159,18 @@ class PretrainTask:
             raise MedclustError("pretrain: the selected datasets and splits hold no images")
         if self.uses_3d and self.num_volumes == 0:
             log.warning("pretrain: no volume (>= 2 slices) among the cases; the joint method trains its 2D objective only")
+            self.uses_3d = False
+        self.batch_3d = self.s["batch_size_3d"] if self.uses_3d else 0
+        self.reuse_slices = self.uses_3d and bool(self.s["volume_slices_in_2d"])
+        # batch_size_2d counts the 2D images of a step; reused volume slices take their share of it,
+        # so the joint step encodes no more images than a swav2d step of the same batch_size_2d
+        self.batch_2d = self.s["batch_size_2d"] - (self.batch_3d * self.s["s_max"] if self.reuse_slices else 0)
+        if self.batch_2d < 2:
+            raise MedclustError(
+                f"pretrain: batch_size_2d={self.s['batch_size_2d']} must exceed batch_size_3d * s_max = "
+                f"{self.batch_3d * self.s['s_max']} (the volume slices are part of the 2D batch); raise it or set "
+                "volume_slices_in_2d: false"
+            )
         self.context = DistContext()
         t, eps, iters, proj = self.s["temperature"], self.s["epsilon"], self.s["sinkhorn_iterations"], self.s["proj_dim"]
         self.swav = SwAVLoss(t, eps, iters, queue_length=self.s["queue_length"], feature_dim=proj)
@@ -172,9 +186,12 @@ class PretrainTask:
         """Keep the device and rank; size the per-rank memory bank."""
         self.context = context
         ws = context.world_size
-        b2, b3 = self.s["batch_size_2d"], self.s["batch_size_3d"] if self.uses_3d else 0
+        b2, b3 = self.batch_2d, self.batch_3d
         if b2 % ws or b3 % ws:
-            raise MedclustError(f"pretrain: batch_size_2d={b2} and batch_size_3d={b3} must be divisible by the {ws} training processes")
+            raise MedclustError(
+                f"pretrain: the per-step 2D items ({b2}) and volumes ({b3}) must be divisible by the {ws} training "
+                "processes (see batch_size_2d, batch_size_3d, s_max)"
+            )
         for module in (self.swav, self.agree):
             module.to(context.device)
         if self.method == "deepcluster2d":
@@ -187,6 +204,12 @@ class PretrainTask:
         """The joint model (all methods share it; 2D methods leave the 3D parts untouched)."""
         return build_joint_model(self.s)
 
+    def compile_model(self, model: nn.Module) -> None:
+        """``torch.compile`` the encoder and the slice attention in place (the steps call them, not ``model``)."""
+        jm = _unwrap(model)
+        jm.encoder.compile(dynamic=True)  # the number of real slices encoded varies per step
+        jm.attention.compile(dynamic=True)
+
     def signature(self) -> dict[str, Any]:
         """Settings and data that identify the run (a checkpoint of another run is discarded)."""
         learn = {k: v for k, v in self.s.items() if k not in _RUNTIME_KEYS}
@@ -196,8 +219,8 @@ class PretrainTask:
         return plan_epoch(
             self.num_items,
             self.num_volumes,
-            self.s["batch_size_2d"],
-            self.s["batch_size_3d"] if self.uses_3d else 0,
+            self.batch_2d,
+            self.batch_3d,
             self.seed,
             epoch,
             rank,
@@ -251,11 +274,10 @@ class PretrainTask:
         views = batch["views2d"]
         n = views.shape[1]
         images = views.flatten(0, 1)  # (2n, 1, h, w): view 1 then view 2
-        use_3d = self.uses_3d and "volumes" in batch and step >= self.s["warmup_2d_steps"]
-        if not use_3d:
-            emb2d = jm.embed_slices(images)
-            loss_intra = self._swav(jm, emb2d, n)
-            return {"loss": loss_intra, "loss_intra": loss_intra} if self.method != "joint" else self._joint_out(loss_intra)
+        stage_3d = self.uses_3d and "volumes" in batch and step >= self.s["warmup_2d_steps"]
+        if not (stage_3d or (self.reuse_slices and "volumes" in batch)):
+            loss_intra = self._swav(jm, jm.embed_slices(images), n)
+            return self._joint_out(loss_intra) if self.method == "joint" else {"loss": loss_intra, "loss_intra": loss_intra}
 
         vols, valid, z_mm = batch["volumes"], batch["valid"], batch["z_mm"]
         _, b, s_max, hv, wv = vols.shape
@@ -267,12 +289,14 @@ class PretrainTask:
         else:
             emb2d, emb_real = jm.embed_slices(images), jm.embed_slices(real)
         tokens = emb_real.new_zeros(2 * b, s_max, emb_real.shape[-1]).masked_scatter(valid[..., None], emb_real)
-        if self.s["volume_slices_in_2d"]:
-            # slices kept by both views of a volume are two views of one 2D item: reuse them
+        if self.reuse_slices:
+            # slices kept by both views of a volume are two views of one 2D item
             paired = valid[:b] & valid[b:]
             emb2d = torch.cat([emb2d[:n], tokens[:b][paired], emb2d[n:], tokens[b:][paired]])
             n = n + int(paired.sum())
         loss_intra = self._swav(jm, emb2d, n)
+        if not stage_3d:  # staged schedule: the 2D objective only, volume slices as 2D items
+            return self._joint_out(loss_intra)
         mask = jm.sample_mask(valid) if self.s["w_mask"] > 0 else None
         token_out, volume = jm.embed_volume(tokens, z_mm.reshape(2 * b, s_max), valid, mask)
         scores = jm.prototypes_3d(volume)
