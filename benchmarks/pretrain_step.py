@@ -186,8 +186,11 @@ def main(argv: list[str] | None = None) -> None:
 
     times: dict[str, list[float]] = {k: [] for k in variants}
     sink: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for name, v in variants.items():
+    order = list(variants)
+    for r in range(args.rounds):
+        # rotate the order each round so that no variant always follows the same one
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            v = variants[name]
             with SinkhornTimer(device) as timer:
                 dt = run_steps(v, args.steps, device, not args.no_amp)
             times[name].append(dt)
