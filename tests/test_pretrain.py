@@ -97,6 +97,17 @@ def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: st
     assert min(r["loss_intra"] for r in rows[-6:]) < math.log(settings["k_2d"])
 
 
+def test_staged_schedule_adds_3d_objectives_after_2d_warmup(stores: dict[str, Path], tmp_path: Path) -> None:
+    settings = resolve_settings(tiny_settings(steps=4, warmup_2d_steps=2))
+    trainer = _trainer(tmp_path, settings)
+    trainer.fit(PretrainTask("joint", settings, collect_cases(stores)))
+    assert [sorted(r) for r in trainer.history[:2]] == [["items_per_s", "loss", "loss_intra", "lr", "step"]] * 2
+    assert all({"loss_inter", "loss_mask"} <= r.keys() for r in trainer.history[2:])
+    with open(tmp_path / "run" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0]["loss_inter"] == "" and float(rows[-1]["loss_inter"]) > 0
+
+
 class _KillAt(PretrainTask):
     """Sends itself SIGTERM inside one step (the trainer must finish it, save and stop)."""
 
@@ -186,6 +197,8 @@ def test_snakemake_3d_key_list_matches_recipe(repo_root: str) -> None:
 def test_unknown_method_and_missing_data_fail_clearly(stores: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(MedclustError, match="unknown method 'simclr'"):
         run_pretraining("simclr", tiny_settings(), stores, tmp_path / "x")
+    with pytest.raises(MedclustError, match="'stpes' was unexpected"):
+        run_pretraining("swav2d", tiny_settings(stpes=3), stores, tmp_path / "x")
     with pytest.raises(MedclustError, match="index.json"):
         run_pretraining("swav2d", tiny_settings(), [tmp_path / "nowhere"], tmp_path / "y")
 

@@ -100,7 +100,6 @@ def test_loss_decreases_and_logs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
 def test_resume_after_signal_matches_uninterrupted(tmp_path: Path, caplog: pytest.LogCaptureFixture, signum: int, code: int) -> None:
     ref = Trainer(_cfg(), tmp_path / "ref", tmp_path / "ref_ckpt").fit(ToyTask())
-    ref_task_queue = None
 
     task = ToyTask(kill_at=12, signum=signum)
     first = Trainer(_cfg(), tmp_path / "run", tmp_path / "run_ckpt")
@@ -124,7 +123,6 @@ def test_resume_after_signal_matches_uninterrupted(tmp_path: Path, caplog: pytes
     assert [r["loss"] for r in run_rows] == [r["loss"] for r in ref_rows]
     # epochs are started once each, never again for a resumed partial epoch
     assert resumed_task.epochs_started == sorted(set(resumed_task.epochs_started))
-    del ref_task_queue
 
 
 def test_fresh_run_logs_start_and_finished_run_does_not_retrain(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

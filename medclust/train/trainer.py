@@ -212,6 +212,13 @@ def _count_items(batch: Any) -> int:
     return 0
 
 
+def _scalar(value: Any, device: torch.device) -> Tensor:
+    """A detached float32 0-d tensor on ``device`` (metrics may be tensors or plain numbers)."""
+    if isinstance(value, Tensor):
+        return value.detach().float().reshape(()).to(device)
+    return torch.tensor(float(value), device=device)
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -366,11 +373,14 @@ class Trainer:
         logger = MetricsLogger(self.out_dir, enabled=ctx.is_main, history=history, resume_step=self.step, tensorboard=cfg.tensorboard)
         if cfg.compile:
             # in place (same module, same state_dict keys); tasks that call sub-modules choose what to compile
-            task.compile_model(model) if hasattr(task, "compile_model") else model.compile()
+            if hasattr(task, "compile_model"):
+                task.compile_model(model)
+            else:
+                model.compile()
         model.train()
 
         window: dict[str, float] = {}
-        window_steps = 0
+        window_counts: dict[str, int] = {}
         window_items = 0
         window_start = time.perf_counter()
         saved_at = self.step if self.last_checkpoint is not None else -1
@@ -407,9 +417,8 @@ class Trainer:
                         names = ["loss"] + [k for k in out if k != "loss"]
                         # one collective per step: metric means across ranks + the signal flag
                         packed = torch.stack(
-                            [out[k].detach().float().reshape(()) if isinstance(out[k], Tensor) else torch.tensor(float(out[k])) for k in names]
-                            + [torch.tensor(float(signals.received or 0))]
-                        ).to(ctx.device)
+                            [_scalar(out[k], ctx.device) for k in names] + [_scalar(float(signals.received or 0), ctx.device)]
+                        )
                         all_reduce_tensor(packed, ctx)
                         values = (packed[:-1] / ctx.world_size).tolist()
                         signal_sum = packed[-1].item()
@@ -431,16 +440,16 @@ class Trainer:
 
                         for k, v in zip(names, values):
                             window[k] = window.get(k, 0.0) + v
-                        window_steps += 1
+                            window_counts[k] = window_counts.get(k, 0) + 1  # a term may start mid-window (staged schedule)
                         window_items += items * ctx.world_size
                         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                             elapsed = max(time.perf_counter() - window_start, 1e-9)
-                            row = {k: v / window_steps for k, v in window.items()}
+                            row = {k: v / window_counts[k] for k, v in window.items()}
                             row["lr"] = optimizer.param_groups[0]["lr"]
                             row["items_per_s"] = window_items / elapsed
                             logger.log(self.step, row)
                             progress.set_postfix(loss=f"{row['loss']:.4f}", items_s=f"{row['items_per_s']:.1f}", refresh=False)
-                            window, window_steps, window_items, window_start = {}, 0, 0, time.perf_counter()
+                            window, window_counts, window_items, window_start = {}, {}, 0, time.perf_counter()
 
                         if signal_sum > 0:
                             # the signal this rank got, else the one another rank got (SIGTERM if ambiguous)

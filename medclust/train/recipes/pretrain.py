@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -88,6 +89,8 @@ THREE_D_KEYS = (
 )
 # keys that change how fast a run goes or what it logs, not what it learns
 _RUNTIME_KEYS = ("num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "compile", "progress", "tensorboard", "methods")
+# accepted besides the schema's keys: the global seed and trainer switches that are not config keys
+_NON_CONFIG_KEYS = ("seed", "progress", "tensorboard", "deterministic", "max_steps")
 METRIC_COLUMNS = ("step", "loss", "loss_intra", "loss_inter", "loss_mask", "lr", "items_per_s")
 
 
@@ -123,6 +126,13 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         else:
             resolved[key] = copy.deepcopy(value)
     resolved.setdefault("seed", 0)
+    # the CLI may be called without Snakemake's schema validation: check here (trainer-only
+    # switches such as `progress` are not config keys)
+    checked = {k: v for k, v in resolved.items() if k not in _NON_CONFIG_KEYS}
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(checked), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = ".".join(str(p) for p in errors[0].absolute_path) or "<section>"
+        raise MedclustError(f"pretrain settings: key '{where}': {errors[0].message}")
     return resolved
 
 
