@@ -157,3 +157,34 @@ def test_study_rejects_other_tasks_and_duplicates(tmp_path, study_runs):
         run_study("other", study_runs, tmp_path / "x.csv")
     with pytest.raises(MedclustError, match="same init/fraction/seed"):
         run_study("organs", [*study_runs, study_runs[0]], tmp_path / "x.csv")
+
+
+def test_case_resampler_matches_summarise_for_auc_and_froc():
+    from medclust.evaluate.evaluate_run import case_resampler, summarise
+
+    rng = np.random.default_rng(3)
+    info = {"class_keys": {"0": "a", "1": "b"}, "multilabel": True}
+    rows = [
+        {"case_id": f"c{i // 3}", "prob_0": p0, "prob_1": p1, "target_0": t0, "target_1": t1}
+        for i, (p0, p1, t0, t1) in enumerate(
+            zip(rng.uniform(size=12), rng.uniform(size=12), rng.integers(0, 2, 12), rng.integers(0, 2, 12))
+        )
+    ]
+    resampler = case_resampler("classification", rows, info, "auc_macro")
+    assert resampler.n == 4
+    identity = np.arange(4)[None]
+    assert resampler.recompute(identity)[0] == pytest.approx(summarise("classification", rows, info)["auc_macro"])
+    # Drawing case c0 four times uses only its three rows, four times over: same AUC as c0 alone.
+    only_c0 = summarise("classification", rows[:3], info)["auc_macro"]
+    assert resampler.recompute(np.zeros((1, 4), int))[0] == pytest.approx(only_c0, nan_ok=True)
+
+    det_info = {"class_keys": {"0": "nodule"}}
+    det_rows = [
+        {"case_id": "s0", "n_lesions": 2, "n_detections": 3, "fp_scores": "0.8", "tp_scores": "0.9;0.6"},
+        {"case_id": "s1", "n_lesions": 2, "n_detections": 4, "fp_scores": "0.5;0.2;0.1", "tp_scores": "0.3;0"},
+    ]
+    resampler = case_resampler("detection", det_rows, det_info, "froc_avg")
+    assert resampler.recompute(np.array([[0, 1]]))[0] == pytest.approx(4 / 7)
+    assert resampler.recompute(np.array([[1, 1]]))[0] == pytest.approx(
+        summarise("detection", [det_rows[1], det_rows[1]], det_info)["froc_avg"]
+    )

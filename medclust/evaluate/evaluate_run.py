@@ -36,7 +36,7 @@ from medclust.evaluate.metrics import (
     FROC_FP_RATES,
     Detection,
     Nodule,
-    froc_from_scans,
+    froc,
     macro_mean,
     match_detections,
     roc_auc_per_class,
@@ -152,25 +152,49 @@ def summarise(task_type: str, rows: Sequence[Mapping[str, Any]], info: Mapping[s
             out.update({f"{kind}_{k}": v for k, v in per_class.items()})
         return {"dice_mean": out.pop("dice_mean"), "hd95_mean": out.pop("hd95_mean"), **out}
     if task_type == "classification":
-        if not rows:
-            return {"auc_macro": math.nan, "accuracy": math.nan, **{f"auc_{k}": math.nan for k in keys}}
-        probs = np.array([[_float(r[f"prob_{i}"]) for i in range(len(keys))] for r in rows])
-        if info.get("multilabel"):
-            targets = np.array([[_float(r[f"target_{i}"]) for i in range(len(keys))] for r in rows])
-            accuracy = float(((probs >= 0.5) == (targets >= 0.5)).mean())
-        else:
-            targets = np.array([int(_float(r["target"])) for r in rows])
-            accuracy = float((probs.argmax(axis=1) == targets).mean())
-        aucs = roc_auc_per_class(probs, targets)
-        return {"auc_macro": macro_mean(aucs), "accuracy": accuracy, **{f"auc_{k}": a for k, a in zip(keys, aucs)}}
+        probs, targets = _classification_arrays(rows, info)
+        return _classification_metrics(probs, targets, keys, bool(info.get("multilabel")))
     if task_type == "detection":
         fp_rates = tuple(info.get("fp_rates", FROC_FP_RATES))
-        per_scan = {f"{i}:{r['case_id']}": (_scores(r["fp_scores"]), _scores(r["tp_scores"])) for i, r in enumerate(rows)}
-        out = froc_from_scans(per_scan, fp_rates)
+        scans = _detection_arrays(rows)
+        out = froc(*_pool(scans), len(scans), fp_rates)
         out["n_lesions"] = float(sum(int(_float(r["n_lesions"])) for r in rows))
         out["n_detections"] = float(sum(int(_float(r["n_detections"])) for r in rows))
         return out
     raise MedclustError(f"unknown task type {task_type!r} (expected segmentation, classification or detection)")
+
+
+def _classification_arrays(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (N, C), targets (N, C) 0/1 or (N,) class indices) of classification rows."""
+    n = len(info["class_keys"])
+    probs = np.array([[_float(r[f"prob_{i}"]) for i in range(n)] for r in rows]).reshape(len(rows), n)
+    if info.get("multilabel"):
+        targets = np.array([[_float(r[f"target_{i}"]) for i in range(n)] for r in rows]).reshape(len(rows), n)
+    else:
+        targets = np.array([int(_float(r["target"])) for r in rows], dtype=np.int64)
+    return probs, targets
+
+
+def _classification_metrics(probs: np.ndarray, targets: np.ndarray, keys: Sequence[str], multilabel: bool) -> dict[str, float]:
+    if len(probs) == 0:
+        return {"auc_macro": math.nan, "accuracy": math.nan, **{f"auc_{k}": math.nan for k in keys}}
+    if multilabel:
+        accuracy = float(((probs >= 0.5) == (targets >= 0.5)).mean())
+    else:
+        accuracy = float((probs.argmax(axis=1) == targets).mean())
+    aucs = roc_auc_per_class(probs, targets)
+    return {"auc_macro": macro_mean(aucs), "accuracy": accuracy, **{f"auc_{k}": a for k, a in zip(keys, aucs)}}
+
+
+def _detection_arrays(rows: Sequence[Mapping[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per scan (row): (FP scores, per-lesion TP scores)."""
+    return [(_scores(r["fp_scores"]), _scores(r["tp_scores"])) for r in rows]
+
+
+def _pool(scans: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    fps = [fp for fp, _ in scans]
+    tps = [tp for _, tp in scans]
+    return (np.concatenate(fps) if fps else np.zeros(0)), (np.concatenate(tps) if tps else np.zeros(0))
 
 
 def case_resampler(
@@ -179,8 +203,9 @@ def case_resampler(
     """A :class:`CaseResampler` recomputing ``metric`` of a run on resampled test cases.
 
     Segmentation class-mean metrics are vectorised (``nanmean`` over classes of ``nanmean`` over
-    cases, identical to :func:`summarise`); other metrics are recomputed by :func:`summarise` on
-    the rows of the drawn cases (a case's rows travel together: it is the resampling unit).
+    cases, identical to :func:`summarise`); AUC and FROC are recomputed from the drawn cases'
+    rows with the same functions :func:`summarise` uses (a case's rows travel together: it is the
+    resampling unit).
     """
     case_ids = list(dict.fromkeys(str(r["case_id"]) for r in rows))
     keys = list(info["class_keys"].values())
@@ -190,14 +215,36 @@ def case_resampler(
         by_case = {str(r["case_id"]): r for r in rows}
         matrix = np.array([[_float(by_case[c].get(f"{kind}_{k}")) for k in columns] for c in case_ids])
         return mean_of_columns_resampler(case_ids, matrix.reshape(len(case_ids), len(columns)))
-    grouped: dict[str, list[Mapping[str, Any]]] = {c: [] for c in case_ids}
-    for r in rows:
-        grouped[str(r["case_id"])].append(r)
-    groups = [grouped[c] for c in case_ids]
+    position = {c: i for i, c in enumerate(case_ids)}
+    row_case = np.array([position[str(r["case_id"])] for r in rows], dtype=np.int64)
+    if task_type == "classification":
+        probs, targets = _classification_arrays(rows, info)
+        members = [np.flatnonzero(row_case == i) for i in range(len(case_ids))]
+        multilabel = bool(info.get("multilabel"))
+
+        def compute(idx: np.ndarray) -> float:
+            take = np.concatenate([members[int(i)] for i in idx]) if len(idx) else np.zeros(0, np.int64)
+            return _classification_metrics(probs[take], targets[take], keys, multilabel).get(metric, math.nan)
+
+    elif task_type == "detection":
+        scans = _detection_arrays(rows)  # one row per scan
+        fp_rates = tuple(info.get("fp_rates", FROC_FP_RATES))
+
+        def compute(idx: np.ndarray) -> float:
+            drawn = [scans[int(i)] for i in idx]
+            return froc(*_pool(drawn), len(drawn), fp_rates).get(metric, math.nan)
+
+    else:
+        raise MedclustError(f"no case-level recomputation of {task_type} metric {metric!r}")
+    # A resample is a multiset of cases: identical multisets give identical metrics, and with
+    # few test cases most draws repeat one, so each distinct multiset is computed once.
+    cache: dict[tuple[int, ...], float] = {}
 
     def metric_of(idx: np.ndarray) -> float:
-        drawn = [row for i in idx for row in groups[int(i)]]
-        return summarise(task_type, drawn, info).get(metric, math.nan)
+        key = tuple(sorted(int(i) for i in idx))
+        if key not in cache:
+            cache[key] = compute(np.asarray(key, dtype=np.int64))
+        return cache[key]
 
     return loop_resampler(case_ids, metric_of)
 

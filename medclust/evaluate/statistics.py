@@ -168,7 +168,8 @@ def _draw_run_values(units: Sequence[Unit], picks: np.ndarray, rng: np.random.Ge
         count = int(where.sum())
         if count == 0:
             continue
-        if unit.cases is None or unit.cases.n == 0:
+        if unit.cases is None or unit.cases.n < 2:
+            # nothing to resample within the run: every draw is the run itself
             out[where] = unit.value
         else:
             idx = rng.integers(0, unit.cases.n, size=(count, unit.cases.n))
@@ -261,10 +262,10 @@ def paired_difference(
     for a, b in pairs:
         if resample_cases and a.cases is not None and b.cases is not None:
             common = [c for c in b.cases.case_ids if c in set(a.cases.case_ids)]
-            aligned.append((a.cases.aligned(common), b.cases.aligned(common)) if common else None)
+            aligned.append((a.cases.aligned(common), b.cases.aligned(common)) if len(common) > 1 else None)
         else:
             aligned.append(None)
-    if len(pairs) < 2 and all(x is None or x[0].n < 2 for x in aligned):
+    if len(pairs) < 2 and all(x is None for x in aligned):
         return PairedSummary(len(pairs), float(diffs.mean()), math.nan, math.nan)
     picks = rng.integers(0, len(pairs), size=(n_samples, len(pairs)))
     drawn = np.empty(picks.shape, dtype=np.float64)

@@ -335,7 +335,14 @@ def finetune_grid(task):
     """(inits, fractions, seeds) of `task`: its own lists, else the study-wide ones."""
     ft = config["finetune"]
     entry = ft["tasks"][task]
-    return tuple(list(entry.get(key, ft[key])) for key in FINETUNE_GRID_KEYS)
+    inits, fractions, seeds = (list(entry.get(key, ft[key])) for key in FINETUNE_GRID_KEYS)
+    unknown = [i for i in inits if i != "none" and i not in PRETRAIN_METHODS]
+    if unknown:
+        raise WorkflowError(
+            f"config finetune.inits (task {task}): {unknown} are not pretraining methods "
+            f"({', '.join(PRETRAIN_METHODS)}) or none"
+        )
+    return inits, fractions, seeds
 
 
 def finetune_run_dirs(task):
