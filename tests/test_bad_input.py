@@ -195,11 +195,11 @@ def test_cli_subprocess_exit_code_and_verbose_traceback(tmp_path):
     command = [sys.executable, "-m", "medclust.cli"]
     args = ["ingest", "--settings", _settings(manifest, "fail"), "--qc", str(tmp_path / "q.tsv"), "--cases", str(tmp_path / "c.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    quiet = subprocess.run(command + args, capture_output=True, text=True, env=env, timeout=120)
+    quiet = subprocess.run(command + args, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=120)
     assert quiet.returncode == 2
     assert "Traceback" not in quiet.stderr
     assert quiet.stderr.strip().splitlines()[-1].startswith(f"medclust ingest: error: {data / 'truncated.nii.gz'}: truncated")
-    loud = subprocess.run(command + ["--verbose"] + args, capture_output=True, text=True, env=env, timeout=120)
+    loud = subprocess.run(command + ["--verbose"] + args, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=120)
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "BadInputError" in loud.stderr
 
 

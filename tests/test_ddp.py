@@ -31,7 +31,7 @@ def test_two_ranks_match_one_process_and_each_other(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "ddp_helpers.py"), str(out), json.dumps(stores)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     (tmp_path / "torchrun.log").write_text(done.stdout + done.stderr)
     assert done.returncode == 0, f"torchrun failed, see {tmp_path / 'torchrun.log'}:\n" + done.stderr[-3000:]
 

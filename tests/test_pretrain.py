@@ -211,7 +211,7 @@ def test_cli_sigterm_exits_143_and_rerun_resumes(stores: dict[str, Path], tmp_pa
     cmd = [sys.executable, "-m", "medclust.cli", "pretrain", "--method", "joint", "--settings", f"@{settings}",
            "--stores", str(stores["ct"]), str(stores["xr"]), "--out", str(out), "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, encoding="utf-8", errors="replace", env=env)
     deadline = time.time() + 120
     while not (out / "checkpoint" / "step_00000001").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -221,7 +221,7 @@ def test_cli_sigterm_exits_143_and_rerun_resumes(stores: dict[str, Path], tmp_pa
     assert "received SIGTERM: checkpoint saved at step" in err
     assert not (out / "encoder.pt").exists()
 
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     step = int(re.search(r"resuming from step (\d+)", done.stderr).group(1))
     assert 1 <= step < 6

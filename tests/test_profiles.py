@@ -41,7 +41,7 @@ def snakemake(*args: str, cwd: Path, timeout: int = 120) -> subprocess.Completed
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        encoding="utf-8", errors="replace",
         timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -47,9 +47,9 @@ def _cluster_problem() -> str | None:
             return f"`{tool}` not on PATH (no SLURM client; start one with `bash .ci/slurm_up.sh`)"
     try:
         states = subprocess.run(
-            ["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, text=True, timeout=15
+            ["sinfo", "-h", "-p", PARTITION, "-o", "%T"], capture_output=True, encoding="utf-8", errors="replace", timeout=15
         )
-        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, text=True, timeout=15)
+        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, encoding="utf-8", errors="replace", timeout=15)
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"SLURM does not answer: {err}"
     if states.returncode != 0:
@@ -58,7 +58,7 @@ def _cluster_problem() -> str | None:
         return f"no usable node in partition {PARTITION!r} (states: {states.stdout.split()})"
     if acct.returncode != 0:
         return f"sacct failed (slurmdbd not running?): {acct.stderr.strip()[:200]}"
-    gres = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%G"], capture_output=True, text=True).stdout
+    gres = subprocess.run(["sinfo", "-h", "-p", PARTITION, "-o", "%G"], capture_output=True, encoding="utf-8", errors="replace").stdout
     if "gpu" not in gres:
         return f"partition {PARTITION!r} has no (fake) GPU gres; start the cluster with FAKE_GPUS=1"
     return None
@@ -94,7 +94,7 @@ def sacct_jobs(run_id: str) -> dict[str, dict[str, str]]:
     fields = ["JobID", "JobName", "Partition", "Account", "AllocTRES", "State", "Timelimit", "ExitCode"]
     out = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-S", "now-1days", "--name", run_id, "-o", ",".join(fields)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, encoding="utf-8", errors="replace", check=True,
     ).stdout
     rows = [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
     return {row["JobID"]: row for row in rows}

@@ -35,7 +35,7 @@ DATA_RULES = ("ingest", "preprocess", "index")
 
 def _snakemake(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["snakemake", "-s", str(SNAKEFILE), *args], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=timeout
+        ["snakemake", "-s", str(SNAKEFILE), *args], cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", env=ENV, timeout=timeout
     )
 
 

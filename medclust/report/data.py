@@ -94,6 +94,12 @@ def _normalise_for_display(image: np.ndarray) -> np.ndarray:
     finite = image[np.isfinite(image)]
     if finite.size == 0:
         return np.zeros_like(image, dtype=np.float32)
+    # A constant fill outside the field of view (CT: -2048 / -1024) would set the lower percentile
+    # and wash the anatomy out; leave it out of the display window.
+    floor = finite.min()
+    inside = finite[finite > floor]
+    if (finite == floor).mean() > 0.05 and inside.size > 0.2 * finite.size:
+        finite = inside
     low, high = np.percentile(finite, [1, 99])
     scale = high - low if high > low else 1.0
     return np.clip((image - low) / scale, 0, 1).astype(np.float32)

@@ -265,6 +265,7 @@ def plot_study_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, metri
         ax.set_xlabel("label fraction")
         if log_x:
             ax.set_xscale("log")
+            ax.minorticks_off()
         ax.set_xticks(fractions)
         ax.set_xticklabels([f"{f:g}" for f in fractions])
         ax.grid(alpha=0.3)
