@@ -68,7 +68,7 @@ CONFIG = {
         "queue_length_3d": 0,
         "freeze_prototypes_steps": 0,
         "s_max": 8,
-        "batch_size_2d": 8,
+        "batch_size_2d": 20,  # > batch_size_3d * s_max: volume slices count inside the 2D batch
         "batch_size_3d": 2,
         "view_size": [32, 32],
         "volume_size": [32, 32],

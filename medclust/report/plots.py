@@ -319,7 +319,7 @@ def plot_study_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
                 else f"{_fmt(r['diff_vs_ref'], 3)} [{_fmt(r['diff_ci_low'])}, {_fmt(r['diff_ci_high'])}]",
             ]
         )
-    fig = Figure(figsize=(11, 0.6 + 0.28 * (len(cells) + 1)), layout="constrained")
+    fig = Figure(figsize=(11, 0.7 + 0.27 * (len(cells) + 1)), layout="constrained")
     ax = fig.add_subplot()
     ax.axis("off")
     widths = np.array([1.1, 1.1, 0.8, 0.6, 0.6, 1.4, 1.5, 2.2])
@@ -327,12 +327,11 @@ def plot_study_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Pat
         cellText=cells,
         colLabels=[c[1] for c in _TABLE_COLUMNS],
         colWidths=(widths / widths.sum()).tolist(),
-        loc="upper center",
+        bbox=[0.0, 0.0, 1.0, 1.0],
         cellLoc="center",
     )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
-    table.scale(1.0, 1.25)
     for (row, _), cell in table.get_celld().items():
         if row == 0:
             cell.set_text_props(weight="bold")
