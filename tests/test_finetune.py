@@ -433,3 +433,24 @@ def test_detection_on_one_volume_with_slabs_and_real_lesions(tmp_path):
     rows = list(csv.DictReader(open(out / "detections.csv")))
     lo, hi = case["roi_z_mm"][0]
     assert rows and all(lo - 1e-6 <= float(r["z_mm"]) <= hi + 1e-6 for r in rows)
+
+
+def test_ignore_real_lesions_masks_a_ball_around_each_real_lesion(tmp_path):
+    img, lab = phantom(30, seed=5)
+    organ = np.zeros_like(lab)
+    organ[:, 4:28, 4:28] = 1
+    centre = np.array([[10.0, 16.0, 16.0]])
+    store = write_store(tmp_path / "slices", "ct", [{"case_id": "scan", "image": img, "label": organ}])
+    world = store_index_to_world({"store_affine": store_affine().tolist(), "slice_axis": 2}, centre)
+    table = tmp_path / "lesions.csv"
+    table.write_text("case_id,x_mm,y_mm,z_mm,diameter_mm\n" + "".join(f"scan,{x:.2f},{y:.2f},{z:.2f},8\n" for x, y, z in world))
+    settings = {**TINY, "task": "les", "type": "detection", "dataset": "ct", "lesion_table": str(table),
+                "split": "slabs", "train_targets": "simulated", "min_score": 0.0,
+                "slabs": {"blocks": 1, "val_fraction": 0.2, "test_fraction": 0.2, "gap_mm": 4.0},
+                "simulate": {"organ": [1], "count": 2, "diameter_mm": [6.0, 8.0], "hu": [0.0, 100.0],
+                             "avoid_mm": 8.0, "ignore_real_lesions": True}}
+    data = prepare_task_data(settings, store, 1.0, 0)
+    ignore = data.case("scan").extra["ignore"]
+    assert ignore.shape == img.shape and ignore.dtype == bool
+    assert ignore[10, 16, 16] and not ignore[25, 4, 4]  # a ball at the real lesion, nothing far away
+    assert any("ignore_real_lesions" in note for note in data.notes)

@@ -19,7 +19,6 @@ study table can never disagree.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ from medclust.evaluate.metrics import (
     segmentation_scores,
 )
 from medclust.evaluate.statistics import CaseResampler, loop_resampler, mean_of_columns_resampler
-from medclust.io.atomic import atomic_path, write_json_atomic
+from medclust.io.atomic import write_csv_atomic, write_json_atomic
 from medclust.provenance import write_provenance
 
 log = logging.getLogger(__name__)
@@ -401,13 +400,7 @@ def _format(value: Any) -> Any:
 def write_per_case(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
     """Write per-case rows as CSV atomically (NaN as an empty field)."""
     columns = list(columns or (rows[0].keys() if rows else ["case_id"]))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: _format(row.get(c, "")) for c in columns})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+    write_csv_atomic(path, rows, columns, cell=_format)
 
 
 def read_per_case(path: Path) -> list[dict[str, str]]:

@@ -27,7 +27,6 @@ The statistics are described in :mod:`medclust.evaluate.statistics`.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from typing import Any
 from medclust.errors import BadInputError, MedclustError
 from medclust.evaluate.evaluate_run import HIGHER_IS_BETTER, case_resampler, read_per_case
 from medclust.evaluate.statistics import Unit, cell_rng, paired_difference, summarise_cell
-from medclust.io.atomic import atomic_path
+from medclust.io.atomic import write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +223,7 @@ def _cell_text(value: Any) -> str:
 
 def write_study_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
     """Write the study rows as CSV, atomically (NaN as an empty field, booleans as true/false)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=STUDY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: _cell_text(row.get(c, "")) for c in STUDY_COLUMNS})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buffer.getvalue())
+    write_csv_atomic(path, rows, STUDY_COLUMNS, cell=_cell_text)
 
 
 _NUMERIC = {"fraction", "mean", "std", "ci_low", "ci_high", "diff_vs_ref", "diff_ci_low", "diff_ci_high", "ci_level"}

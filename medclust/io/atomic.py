@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +58,25 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_csv_atomic(
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    cell: Callable[[Any], Any] = str,
+) -> None:
+    """Write ``rows`` as CSV with the given ``columns`` atomically.
+
+    Args:
+        path: the final file name.
+        rows: one mapping per row; missing columns are written as empty fields.
+        columns: the header, in order.
+        cell: turns each value into its text (e.g. NaN to an empty field).
+    """
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: cell(row.get(c, "")) for c in columns})
+    write_text_atomic(path, buffer.getvalue())

@@ -41,6 +41,7 @@ from medclust.data.downstream import (
     TaskCase,
     context_stack,
     crop_box,
+    gaussian_heatmap,
     hu_to_unit,
     load_cases,
     plan_splits,
