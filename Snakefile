@@ -20,7 +20,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
-include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/study.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -82,9 +82,9 @@ def _peak_rss_mb(code: str) -> float:
     """Peak RSS (MB) of a fresh Python process running ``code``."""
     # VmHWM (not getrusage's ru_maxrss, which a child inherits from the forking parent's peak).
     script = code + (
-        "\nimport re; print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+        "\nimport re; print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status', encoding='utf-8').read()).group(1))"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", cwd=REPO, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
@@ -154,7 +154,7 @@ def bench_workflow(cores_list: list[int]) -> list[tuple[int, float, float, int]]
             ]
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace")
             wall = time.perf_counter() - t0
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

@@ -64,8 +64,8 @@ def synthetic_stores(root: Path, size: int) -> list[Path]:
             }
             write_case(folder / f"{case_id}.h5", image, attrs)
             index.append({"case_id": case_id, "file": f"{case_id}.h5", "modality": modality, "num_slices": n})
-        (folder / "index.json").write_text(json.dumps({"dataset": name, "cases": index}))
-        (folder / "splits.json").write_text(json.dumps({"dataset": name, "train": list(cases), "val": [], "test": []}))
+        (folder / "index.json").write_text(json.dumps({"dataset": name, "cases": index}), encoding="utf-8")
+        (folder / "splits.json").write_text(json.dumps({"dataset": name, "train": list(cases), "val": [], "test": []}), encoding="utf-8")
         folders.append(folder)
     return folders
 

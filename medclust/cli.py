@@ -27,7 +27,7 @@ def settings_arg(value: str) -> dict[str, Any]:
     """Parse ``--settings``: a JSON object, or ``@path`` to a JSON/YAML file."""
     try:
         if value.startswith("@"):
-            return yaml.safe_load(Path(value[1:]).read_text()) or {}
+            return yaml.safe_load(Path(value[1:]).read_text(encoding="utf-8")) or {}
         parsed = json.loads(value)
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise argparse.ArgumentTypeError(f"--settings: cannot parse {value[:80]!r}: {err}") from err
@@ -339,7 +339,7 @@ def _run_dirs(paths: Sequence[Path]) -> dict[str, Path]:
     out = {}
     for path in paths:
         folder = path if path.is_dir() else path.parent
-        out[str(json.loads((folder / "run.json").read_text()).get("init"))] = folder
+        out[str(json.loads((folder / "run.json").read_text(encoding="utf-8")).get("init"))] = folder
     return dict(sorted(out.items(), key=lambda kv: (kv[0] != "none", kv[0])))
 
 

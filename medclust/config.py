@@ -24,7 +24,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 def load_schema() -> dict[str, Any]:
     """The config JSON schema as a dict."""
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
 def _default_filling_validator() -> type:
@@ -69,7 +69,7 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML config file and validate it (see :func:`validate_config`)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise MedclustError(f"{path}: cannot read config: {err}") from err
     return validate_config(raw)

@@ -45,7 +45,7 @@ def git_commit(start: str | os.PathLike[str] | None = None) -> str | None:
     where = Path(start) if start is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=10
         )
     except (OSError, subprocess.SubprocessError):
         return None

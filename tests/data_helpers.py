@@ -150,5 +150,5 @@ def write_msd(root, cases: dict[str, tuple[np.ndarray, np.ndarray | None]], affi
         training.append(item)
     meta = {"name": "synthetic", "modality": {"0": modality}, "labels": {"0": "background", "1": "body", "2": "bone"},
             "numTraining": len(training), "training": training, "test": []}
-    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return root

@@ -81,8 +81,8 @@ def write_store(root: Path, dataset: str, cases: list[dict], splits: dict | None
                 "class_label": case.get("class_label"),
             }
         )
-    (folder / "index.json").write_text(json.dumps({"dataset": dataset, "cases": entries}))
+    (folder / "index.json").write_text(json.dumps({"dataset": dataset, "cases": entries}), encoding="utf-8")
     ids = [c["case_id"] for c in cases]
     splits = splits or {"train": ids, "val": [], "test": []}
-    (folder / "splits.json").write_text(json.dumps({"dataset": dataset, "seed": 0, **splits}))
+    (folder / "splits.json").write_text(json.dumps({"dataset": dataset, "seed": 0, **splits}), encoding="utf-8")
     return folder

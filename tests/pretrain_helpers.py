@@ -49,8 +49,8 @@ def make_store(root: Path, name: str, modality: str, cases: dict[str, tuple[int,
             "shape": [n_slices, size, size], "label_classes": [], "simulated": False, "class_label": None,
         })
         splits[split].append(case_id)
-    (folder / "index.json").write_text(json.dumps({"dataset": name, "cases": index}))
-    (folder / "splits.json").write_text(json.dumps(splits))
+    (folder / "index.json").write_text(json.dumps({"dataset": name, "cases": index}), encoding="utf-8")
+    (folder / "splits.json").write_text(json.dumps(splits), encoding="utf-8")
     return folder
 
 

@@ -36,7 +36,7 @@ def _truncated(folder: Path) -> tuple[str, str]:
 
 
 def _not_an_image(folder: Path) -> tuple[str, str]:
-    (folder / "notes.nii.gz").write_text("these are my notes, not a scan\n" * 10)
+    (folder / "notes.nii.gz").write_text("these are my notes, not a scan\n" * 10, encoding="utf-8")
     return "notes.nii.gz", ""
 
 
@@ -103,7 +103,7 @@ def _manifest(folder: Path, rows: list[tuple[str, str]], case_ids: list[str] | N
         prefix = f"{case_ids[k]}\t" if case_ids else ""
         lines.append(f"{prefix}{image}\t{label}\tCT")
     path = folder / "manifest.tsv"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -140,7 +140,7 @@ def test_skip_mode_records_every_bad_case_and_keeps_the_good_one(tmp_path):
     manifest = _manifest(data, rows)
     records = ingest_dataset(json.loads(_settings(manifest, "skip")), tmp_path / "qc.tsv", tmp_path / "cases.json")
     assert [r.status for r in records].count("ok") == 1
-    with open(tmp_path / "qc.tsv") as handle:
+    with open(tmp_path / "qc.tsv", encoding="utf-8") as handle:
         table = list(csv.DictReader(handle, delimiter="\t"))
     assert list(table[0])[:4] == ["case_id", "path", "status", "reason"]
     assert table[0]["status"] == "ok" and table[0]["reason"] == ""
@@ -149,7 +149,7 @@ def test_skip_mode_records_every_bad_case_and_keeps_the_good_one(tmp_path):
     for kind, row in zip(sorted(BAD), table[1:]):
         assert row["status"] == "skipped", kind
         assert re.search(BAD[kind][2], row["reason"]), (kind, row["reason"])
-    cases = json.loads((tmp_path / "cases.json").read_text())
+    cases = json.loads((tmp_path / "cases.json").read_text(encoding="utf-8"))
     assert cases["dataset"] == "bad" and [c["case_id"] for c in cases["cases"]] == ["good"]
     assert set(cases["cases"][0]) >= {"case_id", "image", "label", "modality", "class_label", "split", "simulated"}
 
@@ -171,13 +171,13 @@ def test_duplicate_case_ids(tmp_path):
 def test_empty_dataset_and_all_cases_bad_are_errors_in_skip_mode(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "readme.txt").write_text("no images here")
+    (empty / "readme.txt").write_text("no images here", encoding="utf-8")
     settings = json.dumps({"name": "e", "format": "images", "path": str(empty), "on_bad_input": "skip"})
     code = main(["ingest", "--settings", settings, "--qc", str(tmp_path / "e.tsv"), "--cases", str(tmp_path / "e.json")])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"medclust ingest: error: {empty}: no cases found (format images)"
     header_only = tmp_path / "m.csv"
-    header_only.write_text("image,label\n")
+    header_only.write_text("image,label\n", encoding="utf-8")
     with pytest.raises(BadInputError, match="no cases found"):
         ingest_dataset({"name": "m", "format": "manifest", "path": str(header_only)}, tmp_path / "q.tsv", tmp_path / "c.json")
     data = tmp_path / "data"

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def _losses(path: Path) -> list[float]:
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         return [float(r["loss"]) for r in csv.DictReader(handle)]
 
 
@@ -32,7 +32,7 @@ def test_two_ranks_match_one_process_and_each_other(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "ddp_helpers.py"), str(out), json.dumps(stores)]
     done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=300)
-    (tmp_path / "torchrun.log").write_text(done.stdout + done.stderr)
+    (tmp_path / "torchrun.log").write_text(done.stdout + done.stderr, encoding="utf-8")
     assert done.returncode == 0, f"torchrun failed, see {tmp_path / 'torchrun.log'}:\n" + done.stderr[-3000:]
 
     # every parameter and buffer identical on both ranks (gradients averaged, buffers broadcast)

@@ -121,7 +121,7 @@ def test_fetch_from_seeded_cache_lays_out_and_records(xray_cache: Path, tmp_path
     sources = fetch_demo("chest_xray", dest, xray_cache, download=no_download)
     assert sources == dest / "sources.json"
     assert sorted(p.name for p in dest.iterdir()) == ["RG1_UNCR.dcm", "sources.json"]
-    record = json.loads(sources.read_text())
+    record = json.loads(sources.read_text(encoding="utf-8"))
     assert record["wheels"][0]["members"] == ["data_store/data/RG1_UNCR.dcm"]
     assert record["wheels"][0]["sha256"] == WHEELS["pydicom-data==1.0.0"].sha256
     assert record["wheels"][0]["licence_in_metadata"] == "MIT"
@@ -211,7 +211,7 @@ def test_mni152_manifest_and_labels_on_the_image_grid(tmp_path: Path, monkeypatc
     _mni_wheels(tmp_path / "wheels", monkeypatch)
     dest = tmp_path / "demo" / "mni152"
     fetch_demo("mni152", dest, tmp_path / "wheels", download=no_download)
-    with open(dest / "manifest.tsv", newline="") as handle:
+    with open(dest / "manifest.tsv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert [(r["image"], r["label"], r["modality"], r["split"]) for r in rows] == [
         ("images/mni09a.nii.gz", "labels/mni09a.nii.gz", "MR", "train"),
@@ -225,7 +225,7 @@ def test_mni152_manifest_and_labels_on_the_image_grid(tmp_path: Path, monkeypatc
     assert label_09a[1, 0, 0] == 1 and label_09a[4, 0, 0] == 2 and label_09a[3, 0, 0] == 1 and label_09a[0, 0, 0] == 0
     label_6 = np.asarray(nib.load(str(dest / "labels/mni6asym.nii.gz")).dataobj)
     assert label_6[:, 0, 0].tolist() == [1, 2, 0, 2, 0]
-    assert set(json.loads((dest / "sources.json").read_text())["files"]) == {
+    assert set(json.loads((dest / "sources.json").read_text(encoding="utf-8"))["files"]) == {
         "manifest.tsv", "images/mni09a.nii.gz", "labels/mni09a.nii.gz", "images/mni6asym.nii.gz", "labels/mni6asym.nii.gz"
     }
 

@@ -116,11 +116,12 @@ def test_simulate_dataset_writes_marked_nifti_and_manifest(tmp_path: Path) -> No
                     {"case_id": "xr", "image": str(image), "label": None, "modality": "XR", "split": None, "simulated": False},
                 ],
             }
-        )
+        ),
+        encoding="utf-8",
     )
     out = tmp_path / "drr"
     manifest = simulate_drr_dataset(cases, out, {"angles": [0, 90], "mu_water": MU, "pixel_spacing": 1.0})
-    with open(manifest, newline="") as handle:
+    with open(manifest, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert [r["image"] for r in rows] == ["images/c1_drr000.nii.gz", "images/c1_drr090.nii.gz"]
     assert all(r["simulated"] == "true" and r["modality"] == "XR" and r["split"] == "test" for r in rows)
@@ -138,14 +139,14 @@ def test_simulate_dataset_writes_marked_nifti_and_manifest(tmp_path: Path) -> No
     assert np.allclose(data, expected.T, atol=1e-5)
     assert np.asarray(lab.dataobj).dtype == np.uint8
     assert np.array_equal(np.asarray(lab.dataobj), expected_label.T)
-    record = json.loads((out / "drr.json").read_text())
+    record = json.loads((out / "drr.json").read_text(encoding="utf-8"))
     assert record["simulated"] is True and len(record["images"]) == 2
     assert (out / "provenance.json").is_file()
 
 
 def test_simulate_dataset_without_ct_cases_fails_clearly(tmp_path: Path) -> None:
     cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps({"dataset": "x", "cases": []}))
+    cases.write_text(json.dumps({"dataset": "x", "cases": []}), encoding="utf-8")
     with pytest.raises(MedclustError, match="no CT cases"):
         simulate_drr_dataset(cases, tmp_path / "out", {})
     assert not (tmp_path / "out" / "manifest.tsv").exists()

@@ -31,7 +31,7 @@ _CONDA_SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$")
 
 def pyproject_pins() -> dict[str, SpecifierSet]:
     """``{canonical name: specifier}`` of pyproject [project].dependencies."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     pins = {}
     for line in project["dependencies"]:
         req = Requirement(line)
@@ -49,7 +49,7 @@ def env_entries(path: Path) -> tuple[dict[str, SpecifierSet], dict[str, str], li
         (pip pins ``{name: specifier}``, conda entries ``{name: raw spec}``, pip option lines
         such as ``-e ...`` or ``--extra-index-url ...``).
     """
-    data = yaml.safe_load(path.read_text())
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
     pip_pins: dict[str, SpecifierSet] = {}
     conda: dict[str, str] = {}
     options: list[str] = []
@@ -113,7 +113,7 @@ def test_env_pins_match_pyproject(env_file: Path):
 
 @pytest.mark.parametrize("env_file", ENV_FILES, ids=lambda p: p.name)
 def test_env_python_satisfies_requires_python(env_file: Path):
-    requires = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])
+    requires = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"])
     _, conda, _ = env_entries(env_file)
     assert "python" in conda, f"{env_file.name}: no python entry"
     version = conda["python"].lstrip("=<>!~ ").split(",")[0].split("*")[0].rstrip(".")
@@ -130,9 +130,9 @@ def test_medclust_env_installs_the_package():
 
 def test_drift_is_detected(tmp_path: Path):
     """The comparison itself: a changed pin must be reported, naming the package."""
-    text = (REPO / "envs" / "medclust.yaml").read_text().replace("monai>=1.6,<1.7", "monai>=1.5")
+    text = (REPO / "envs" / "medclust.yaml").read_text(encoding="utf-8").replace("monai>=1.6,<1.7", "monai>=1.5")
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text)
+    bad.write_text(text, encoding="utf-8")
     with pytest.raises(AssertionError, match="monai"):
         test_env_pins_match_pyproject(bad)
 
@@ -141,7 +141,7 @@ def test_every_command_rule_declares_the_env():
     """`snakemake --use-conda` runs a rule in envs/medclust.yaml only if the rule says so."""
     missing = []
     for path in sorted((REPO / "workflow" / "rules").glob("*.smk")):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         for match in re.finditer(r"^(?:rule|checkpoint) (\w+):(.*?)(?=^\S|\Z)", text, re.M | re.S):
             name, body = match.groups()
             if re.search(r"^\s+(shell|script):", body, re.M) and not re.search(r"^\s+conda:\s*\n?\s*MEDCLUST_ENV", body, re.M):

@@ -276,7 +276,7 @@ def test_segmentation_run_writes_the_documented_folder(tmp_path, chest_store):
     for name in ("model.pt", "run.json", "metrics.csv", "val.csv", "provenance.json"):
         assert (out / name).is_file(), name
     assert not (out / "checkpoint").exists()
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     for key in ("task", "type", "dataset", "init", "fraction", "seed", "classes", "test_cases", "predictions", "mode", "trained_on", "selection"):
         assert key in run, key
     assert run["classes"] == {"1": "disc", "2": "square"} and run["init"] == "joint" and run["fraction"] == 0.5
@@ -296,7 +296,7 @@ def test_segmentation_run_writes_the_documented_folder(tmp_path, chest_store):
     assert sorted(case["roi_z_mm"]) == sorted(run["slabs"]["v0"]["test"])
     sd = torch.load(out / "model.pt", weights_only=True)
     assert sd["encoder.conv1.weight"].shape[1] == 3  # 2.5D input
-    val_rows = list(csv.DictReader(open(out / "val.csv")))
+    val_rows = list(csv.DictReader(open(out / "val.csv", encoding="utf-8")))
     assert [int(r["step"]) for r in val_rows] == [2, 3]
     assert run["selection"]["best_step"] in (2, 3)
 
@@ -308,7 +308,7 @@ def test_runs_are_deterministic_by_seed(tmp_path, chest_store):
         outs.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
     for k in outs[0]:
         torch.testing.assert_close(outs[0][k], outs[1][k])
-    a = json.loads((tmp_path / "a" / "run.json").read_text())
+    a = json.loads((tmp_path / "a" / "run.json").read_text(encoding="utf-8"))
     assert a["n_train_items"] == math.ceil(0.25 * a["n_train_items_total"])
 
 
@@ -333,9 +333,9 @@ def test_classification_slice_labels_run(tmp_path, chest_store):
                 "target": "slice_structures", "min_pixels": 5, "label_groups": {"disc": [3], "square": [7]}, "head": "mlp", "hidden": 16}
     out = tmp_path / "cls"
     run_finetune(settings, chest_store, out, "none", 1.0, 0)
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["multilabel"] is True and run["classes"] == {"0": "disc", "1": "square"} and run["predictions"] == "predictions.csv"
-    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    rows = list(csv.DictReader(open(out / "predictions.csv", encoding="utf-8")))
     assert list(rows[0]) == ["case_id", "slice_index", "z_mm", "target_0", "target_1", "prob_0", "prob_1"]
     plan_test = [int(r["slice_index"]) for r in rows]
     assert len(plan_test) == run["test_cases"][0]["n_items"] > 0
@@ -354,9 +354,9 @@ def test_classification_case_labels_run(tmp_path):
     store = write_store(tmp_path / "slices", "cls", cases, splits)
     settings = {**TINY, "task": "brightness", "type": "classification", "dataset": "cls", "split": "cases", "target": "class_label", "bag_size": 2}
     run_finetune(settings, store, tmp_path / "run", "none", 1.0, 0)
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    run = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
     assert run["multilabel"] is False and run["level"] == "case" and run["classes"] == {"0": "bright", "1": "dark"}
-    rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv", encoding="utf-8")))
     assert [r["case_id"] for r in rows] == ["c8", "c9"] and {r["slice_index"] for r in rows} == {"-1"}
     assert [int(r["target"]) for r in rows] == [1, 0]
     assert all(abs(float(r["prob_0"]) + float(r["prob_1"]) - 1) < 1e-4 for r in rows)
@@ -372,18 +372,18 @@ def test_detection_run_trained_on_simulated_nodules(tmp_path):
     test_store = write_store(tmp_path / "slices", "test_ct", [{"case_id": "scan", "image": test_img}])
     table = tmp_path / "lesions.tsv"
     world = store_index_to_world({"store_affine": store_affine().tolist(), "slice_axis": 2}, [[9.0, 15.5, 15.5]])[0]
-    table.write_text("x_mm\ty_mm\tz_mm\tdiameter_mm\n" + "\t".join(f"{v:.2f}" for v in world) + "\t8.0\n")
+    table.write_text("x_mm\ty_mm\tz_mm\tdiameter_mm\n" + "\t".join(f"{v:.2f}" for v in world) + "\t8.0\n", encoding="utf-8")
     settings = {**TINY, "task": "nodules", "type": "detection", "dataset": "test_ct", "train_dataset": "train_ct",
                 "lesion_table": str(table), "split": "slabs", "train_targets": "simulated", "min_score": 0.0,
                 "simulate": {"organ": [1], "count": 3, "diameter_mm": [6.0, 10.0], "hu": [0.0, 100.0], "avoid_mm": 8.0}}
     out = tmp_path / "det"
     run_finetune(settings, test_store, out, "none", 1.0, 0, train_slices_dir=train_store)
-    run = json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert run["trained_on"] == "simulated nodules" and run["train_dataset"] == "train_ct" and run["dataset"] == "test_ct"
     assert run["test_cases"][0]["case_id"] == "scan" and len(run["test_cases"][0]["lesions"]) == 1
     assert run["detection"]["n_scans"] == 1 and run["predictions"] == "detections.csv"
     assert "scan" not in run["train_cases"] + run["val_cases"]
-    rows = list(csv.DictReader(open(out / "detections.csv")))
+    rows = list(csv.DictReader(open(out / "detections.csv", encoding="utf-8")))
     assert rows and list(rows[0]) == ["case_id", "x_mm", "y_mm", "z_mm", "score", "diameter_mm", "n_slices"]
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
@@ -401,7 +401,7 @@ def test_cli_finetune(tmp_path, chest_store):
     out = tmp_path / "cli_run"
     assert main(["finetune", "--settings", settings, "--slices", str(chest_store), "--init", "none",
                  "--fraction", "1.0", "--seed", "0", "--out", str(out)]) == 0
-    assert (out / "model.pt").is_file() and json.loads((out / "run.json").read_text())["selection"]["best_step"] == 1
+    assert (out / "model.pt").is_file() and json.loads((out / "run.json").read_text(encoding="utf-8"))["selection"]["best_step"] == 1
     # a bad input is one line and exit 2, not a traceback
     assert main(["finetune", "--settings", settings, "--slices", str(tmp_path / "missing"), "--init", "none",
                  "--fraction", "1.0", "--seed", "0", "--out", str(tmp_path / "x")]) == 2
@@ -416,7 +416,7 @@ def test_detection_on_one_volume_with_slabs_and_real_lesions(tmp_path):
     store = write_store(tmp_path / "slices", "ct", [{"case_id": "scan", "image": img}])
     world = store_index_to_world(attrs, centres)
     table = tmp_path / "lesions.csv"
-    table.write_text("case_id,x_mm,y_mm,z_mm,diameter_mm\n" + "".join(f"scan,{x:.2f},{y:.2f},{z:.2f},8\n" for x, y, z in world))
+    table.write_text("case_id,x_mm,y_mm,z_mm,diameter_mm\n" + "".join(f"scan,{x:.2f},{y:.2f},{z:.2f},8\n" for x, y, z in world), encoding="utf-8")
     settings = {**TINY, "task": "les", "type": "detection", "dataset": "ct", "lesion_table": str(table),
                 "split": "slabs", "train_targets": "lesions", "min_score": 0.0,
                 "slabs": {"blocks": 1, "val_fraction": 0.25, "test_fraction": 0.25, "gap_mm": 4.0}}
@@ -427,10 +427,10 @@ def test_detection_on_one_volume_with_slabs_and_real_lesions(tmp_path):
     assert heat[5].max() == 1.0 and heat[20].max() == 1.0 and heat[35].max() == 0.0  # the test lesion is no target
     out = tmp_path / "run"
     run_finetune(settings, store, out, "none", 1.0, 0)
-    (case,) = json.loads((out / "run.json").read_text())["test_cases"]
+    (case,) = json.loads((out / "run.json").read_text(encoding="utf-8"))["test_cases"]
     assert len(case["lesions"]) == 1 and abs(case["lesions"][0]["z_mm"] - world[2, 2]) < 1e-6  # only the test-slab lesion
     assert case["roi_z_mm"]
-    rows = list(csv.DictReader(open(out / "detections.csv")))
+    rows = list(csv.DictReader(open(out / "detections.csv", encoding="utf-8")))
     lo, hi = case["roi_z_mm"][0]
     assert rows and all(lo - 1e-6 <= float(r["z_mm"]) <= hi + 1e-6 for r in rows)
 
@@ -443,7 +443,7 @@ def test_ignore_real_lesions_masks_a_ball_around_each_real_lesion(tmp_path):
     store = write_store(tmp_path / "slices", "ct", [{"case_id": "scan", "image": img, "label": organ}])
     world = store_index_to_world({"store_affine": store_affine().tolist(), "slice_axis": 2}, centre)
     table = tmp_path / "lesions.csv"
-    table.write_text("case_id,x_mm,y_mm,z_mm,diameter_mm\n" + "".join(f"scan,{x:.2f},{y:.2f},{z:.2f},8\n" for x, y, z in world))
+    table.write_text("case_id,x_mm,y_mm,z_mm,diameter_mm\n" + "".join(f"scan,{x:.2f},{y:.2f},{z:.2f},8\n" for x, y, z in world), encoding="utf-8")
     settings = {**TINY, "task": "les", "type": "detection", "dataset": "ct", "lesion_table": str(table),
                 "split": "slabs", "train_targets": "simulated", "min_score": 0.0,
                 "slabs": {"blocks": 1, "val_fraction": 0.2, "test_fraction": 0.2, "gap_mm": 4.0},

@@ -76,7 +76,7 @@ def write_synthetic_xml(path: Path) -> Path:
         + "".join(sessions)
         + "</LidcReadMessage>"
     )
-    path.write_text(xml)
+    path.write_text(xml, encoding="utf-8")
     return path
 
 
@@ -137,7 +137,7 @@ def test_far_apart_marks_stay_separate() -> None:
 def test_tsv_round_trip(tmp_path: Path) -> None:
     nodules = lidc_nodules(write_synthetic_xml(tmp_path / "x.xml"), geometry=GEOMETRY, case_id="CASE-1")
     path = write_nodules_tsv(nodules, tmp_path / "nodules.tsv")
-    header = path.read_text().splitlines()[0].split("\t")
+    header = path.read_text(encoding="utf-8").splitlines()[0].split("\t")
     assert tuple(header) == NODULE_COLUMNS
     rows = read_nodules_tsv(path)
     assert rows[0]["case_id"] == "CASE-1" and rows[0]["n_readers"] == 3
@@ -150,11 +150,12 @@ def test_roi_on_a_missing_slice_is_a_clear_error(tmp_path: Path) -> None:
     xml.write_text(
         '<LidcReadMessage xmlns="http://www.nih.gov">'
         + _session("A", _nodule("A1", [_roi(-500.0, None, _square(0, 0, 4))], 3))
-        + "</LidcReadMessage>"
+        + "</LidcReadMessage>",
+        encoding="utf-8",
     )
     with pytest.raises(BadInputError, match="z=-500.0 mm matches no slice"):
         lidc_nodules(xml, geometry=GEOMETRY)
-    (tmp_path / "broken.xml").write_text("<LidcReadMessage>")
+    (tmp_path / "broken.xml").write_text("<LidcReadMessage>", encoding="utf-8")
     with pytest.raises(BadInputError, match="cannot parse LIDC XML"):
         parse_lidc_xml(tmp_path / "broken.xml")
 

@@ -156,20 +156,20 @@ def _seg_run(tmp_path: Path) -> Path:
         "test_cases": [{"case_id": "c0", "image": image, "label": label, "label_map": {"12": 1, "51": 2},
                         "prediction": "predictions/c0.nii.gz", "roi": "roi/c0.nii.gz"}],
     }  # fmt: skip
-    (run / "run.json").write_text(json.dumps(spec))
+    (run / "run.json").write_text(json.dumps(spec), encoding="utf-8")
     return run
 
 
 def test_evaluate_segmentation_run(tmp_path):
     run = _seg_run(tmp_path)
     assert main(["evaluate", "--run", str(run)]) == 0
-    record = json.loads((run / "metrics.json").read_text())
+    record = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     m = record["metrics"]
     assert record["primary_metric"] == "dice_mean" and record["simulated"] is False
     assert m["dice_lungs"] == pytest.approx(0.5) and m["hd95_lungs"] == pytest.approx(2.0)
     assert m["dice_heart"] == 0.0
     assert m["dice_mean"] == pytest.approx(0.25)
-    rows = list(csv.DictReader(open(run / "per_case.csv")))
+    rows = list(csv.DictReader(open(run / "per_case.csv", encoding="utf-8")))
     assert rows[0]["case_id"] == "c0" and float(rows[0]["dice_lungs"]) == pytest.approx(0.5)
     assert (run / "evaluate_provenance.json").exists()
 
@@ -190,8 +190,8 @@ def test_evaluate_classification_and_detection_runs(tmp_path):
         "task": "xr", "type": "classification", "init": "joint", "fraction": 1.0, "seed": 1,
         "multilabel": True, "classes": {"0": "nodule", "1": "effusion"}, "predictions": "predictions.csv",
         "trained_on": "simulated radiographs", "test_cases": [],
-    }))  # fmt: skip
-    with open(cls / "predictions.csv", "w") as f:
+    }), encoding="utf-8")  # fmt: skip
+    with open(cls / "predictions.csv", "w", encoding="utf-8") as f:
         f.write("case_id,slice_index,z_mm,target_0,target_1,prob_0,prob_1\n")
         for i, (t0, t1, p0, p1) in enumerate([(0, 1, 0.1, 0.9), (0, 0, 0.4, 0.2), (1, 1, 0.35, 0.7), (1, 0, 0.8, 0.3)]):
             f.write(f"c{i},-1,,{t0},{t1},{p0},{p1}\n")
@@ -213,8 +213,8 @@ def test_evaluate_classification_and_detection_runs(tmp_path):
             {"case_id": "s1", "lesions": [{"x_mm": 0, "y_mm": 0, "z_mm": 0, "diameter_mm": 8},
                                           {"x_mm": 0, "y_mm": 40, "z_mm": 0, "diameter_mm": 8}]},
         ],
-    }))  # fmt: skip
-    with open(det / "detections.csv", "w") as f:
+    }), encoding="utf-8")  # fmt: skip
+    with open(det / "detections.csv", "w", encoding="utf-8") as f:
         f.write("case_id,x_mm,y_mm,z_mm,score,diameter_mm,n_slices\n")
         f.write("s0,1,0,0,0.9,8,2\ns0,90,0,0,0.8,8,2\ns0,40,2,0,0.6,8,2\ns1,0,0,90,0.5,8,2\n")
         f.write("s1,0,1,0,0.3,8,2\ns1,70,0,0,0.2,8,2\ns1,0,0,-90,0.1,8,2\n")
@@ -222,5 +222,5 @@ def test_evaluate_classification_and_detection_runs(tmp_path):
     # Same toy set as test_froc_toy_known_sensitivities, split over two scans.
     assert rec["metrics"]["froc_avg"] == pytest.approx(4 / 7)
     assert rec["primary_metric"] == "froc_avg" and rec["simulated"] is True
-    rows = {r["case_id"]: r for r in csv.DictReader(open(det / "per_case.csv"))}
+    rows = {r["case_id"]: r for r in csv.DictReader(open(det / "per_case.csv", encoding="utf-8"))}
     assert rows["s0"]["n_hits"] == "2" and rows["s1"]["tp_scores"] == "0.3;0"

@@ -247,7 +247,7 @@ def test_index_reads_the_store(tmp_path):
         "label_classes": [0, 1, 2], "simulated": False, "class_label": 2,
     }
     assert index["cases"][1]["label_classes"] == [] and index["cases"][1]["class_label"] is None
-    assert json.loads((tmp_path / "store" / "splits.json").read_text())["train"] == ["a", "b"]
+    assert json.loads((tmp_path / "store" / "splits.json").read_text(encoding="utf-8"))["train"] == ["a", "b"]
     with pytest.raises(Exception, match="slice store file missing"):
         build_index("d", ["zzz"], tmp_path / "store")
 

@@ -103,7 +103,7 @@ def test_staged_schedule_adds_3d_objectives_after_2d_warmup(stores: dict[str, Pa
     trainer.fit(PretrainTask("joint", settings, collect_cases(stores)))
     assert [sorted(r) for r in trainer.history[:2]] == [["items_per_s", "loss", "loss_intra", "lr", "step"]] * 2
     assert all({"loss_inter", "loss_mask"} <= r.keys() for r in trainer.history[2:])
-    with open(tmp_path / "run" / "metrics.csv") as handle:
+    with open(tmp_path / "run" / "metrics.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert rows[0]["loss_inter"] == "" and float(rows[-1]["loss_inter"]) > 0
 
@@ -146,7 +146,7 @@ def test_outputs_and_encoder_loads_into_flexible_unet(stores: dict[str, Path], t
         assert (out / name).is_file(), name
     assert (out / "checkpoint" / "step_00000003" / "trainer.pt").is_file()
 
-    with open(out / "metrics.csv") as handle:
+    with open(out / "metrics.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert {"loss", "loss_intra", "loss_inter", "loss_mask", "lr", "items_per_s"} <= rows[0].keys()
@@ -167,7 +167,7 @@ def test_outputs_and_encoder_loads_into_flexible_unet(stores: dict[str, Path], t
     assert ((data["slice_cluster"] >= 0) & (data["slice_cluster"] < 6)).all()
     assert data["volume_embeddings"].shape == (1, 32) and list(data["volume_case"]) == ["ct_v"]
     assert 0 <= int(data["volume_cluster"][0]) < 3
-    prov = json.loads((out / "provenance.json").read_text())
+    prov = json.loads((out / "provenance.json").read_text(encoding="utf-8"))
     assert prov["settings"]["method"] == "joint" and prov["settings"]["steps"] == 3
     assert all(c["split"] != "test" for c in prov["settings"]["cases"])
 
@@ -175,7 +175,7 @@ def test_outputs_and_encoder_loads_into_flexible_unet(stores: dict[str, Path], t
 def test_random_init_writes_everything_and_ignores_3d_settings(stores: dict[str, Path], tmp_path: Path) -> None:
     # heads=3 does not divide d_model=32: would fail if the 2D-only method built the joint 3D branch from it
     run_pretraining("none", tiny_settings(heads=3), stores, tmp_path / "none")
-    assert (tmp_path / "none" / "metrics.csv").read_text().startswith("step,loss,")
+    assert (tmp_path / "none" / "metrics.csv").read_text(encoding="utf-8").startswith("step,loss,")
     with np.load(tmp_path / "none" / "embeddings.npz", allow_pickle=False) as npz:
         assert (npz["volume_cluster"] == -1).all() and npz["slice_embeddings"].shape[0] == 12
     again = tmp_path / "again"
@@ -186,7 +186,7 @@ def test_random_init_writes_everything_and_ignores_3d_settings(stores: dict[str,
 
 
 def test_snakemake_3d_key_list_matches_recipe(repo_root: str) -> None:
-    text = Path(repo_root, "workflow", "rules", "common.smk").read_text()
+    text = Path(repo_root, "workflow", "rules", "common.smk").read_text(encoding="utf-8")
     block = re.search(r"PRETRAIN_3D_KEYS = \((.*?)\)", text, re.S)
     assert block is not None
     assert tuple(re.findall(r'"([a-z0-9_]+)"', block.group(1))) == THREE_D_KEYS
@@ -206,7 +206,7 @@ def test_unknown_method_and_missing_data_fail_clearly(stores: dict[str, Path], t
 @pytest.mark.slow
 def test_cli_sigterm_exits_143_and_rerun_resumes(stores: dict[str, Path], tmp_path: Path) -> None:
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps(tiny_settings(steps=6, checkpoint_every=1, log_every=2)))
+    settings.write_text(json.dumps(tiny_settings(steps=6, checkpoint_every=1, log_every=2)), encoding="utf-8")
     out = tmp_path / "pretrain" / "joint"
     cmd = [sys.executable, "-m", "medclust.cli", "pretrain", "--method", "joint", "--settings", f"@{settings}",
            "--stores", str(stores["ct"]), str(stores["xr"]), "--out", str(out), "--threads", "1"]
@@ -227,5 +227,5 @@ def test_cli_sigterm_exits_143_and_rerun_resumes(stores: dict[str, Path], tmp_pa
     assert 1 <= step < 6
     for name in ("encoder.pt", "metrics.csv", "embeddings.npz", "provenance.json"):
         assert (out / name).is_file()
-    with open(out / "metrics.csv") as handle:
+    with open(out / "metrics.csv", encoding="utf-8") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [2, 4, 6]

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ TRAINING_COMMANDS = ("medclust pretrain", "medclust finetune")
 
 
 def load(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def snakemake(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -51,7 +50,7 @@ def rule_blocks() -> dict[str, str]:
     """``{rule name: source text}`` of every rule/checkpoint in workflow/rules/*.smk."""
     blocks: dict[str, str] = {}
     for path in RULE_FILES:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         starts = [(m.start(), m.group(2)) for m in re.finditer(r"^(rule|checkpoint)\s+(\w+)\s*:", text, re.M)]
         for i, (start, name) in enumerate(starts):
             end = starts[i + 1][0] if i + 1 < len(starts) else len(text)
@@ -64,7 +63,7 @@ def rule_blocks() -> dict[str, str]:
 def local_rules() -> set[str]:
     names: set[str] = set()
     for path in RULE_FILES:
-        for m in re.finditer(r"^localrules:\s*\n((?:[ \t]+\S.*\n?)+)", path.read_text(), re.M):
+        for m in re.finditer(r"^localrules:\s*\n((?:[ \t]+\S.*\n?)+)", path.read_text(encoding="utf-8"), re.M):
             names.update(n.strip() for n in m.group(1).replace("\n", ",").split(",") if n.strip())
     return names
 
@@ -102,7 +101,7 @@ def test_profiles_parse_and_have_their_roles():
 
 def test_site_settings_only_in_profiles():
     """Account and partition are site settings: placeholders in the slurm profiles, nowhere else."""
-    text = SLURM.read_text()
+    text = SLURM.read_text(encoding="utf-8")
     for key in ("slurm_account", "slurm_partition"):
         assert re.search(rf"^\s*#\s*{key}:", text, re.M), f"commented placeholder for {key} missing"
         # not set to a value: a CLI --default-resources or the user's edit provides it
@@ -111,7 +110,7 @@ def test_site_settings_only_in_profiles():
               *(PROFILES / "local-gpu").glob("*")]
     for path in others:
         for key in ("slurm_account", "slurm_partition", "slurm_extra"):
-            assert key not in path.read_text(), f"{path.relative_to(REPO)} sets the site setting {key}"
+            assert key not in path.read_text(encoding="utf-8"), f"{path.relative_to(REPO)} sets the site setting {key}"
 
 
 def test_profile_rule_names_exist(workflow_rules):
@@ -235,7 +234,7 @@ rule multi_node:
 
 
 def harness(tmp_path: Path, command: str) -> Path:
-    (tmp_path / "Snakefile").write_text(HARNESS.format(repo=REPO, command=command))
+    (tmp_path / "Snakefile").write_text(HARNESS.format(repo=REPO, command=command), encoding="utf-8")
     return tmp_path
 
 
@@ -280,7 +279,7 @@ def test_torchrun_launch_runs_ranks(tmp_path):
     wd = harness(tmp_path, f"{sys.executable} -c '{probe}'")
     out = snakemake("--cores", "2", "out/x.txt", "--set-resources", "train:gpu=2", cwd=wd, timeout=180)
     assert out.returncode == 0, out.stdout
-    lines = sorted((wd / "out" / "x.txt").read_text().split("\n"))
+    lines = sorted((wd / "out" / "x.txt").read_text(encoding="utf-8").split("\n"))
     assert [line for line in lines if line] == ["0 2 0", "1 2 1"]
 
 

@@ -76,7 +76,7 @@ def test_png_colour_to_grey_and_monai_axis_order(tmp_path):
 
 
 def test_unsupported_and_missing_paths(tmp_path):
-    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(BadInputError, match="unsupported file type"):
         load_image(tmp_path / "notes.txt")
     with pytest.raises(BadInputError, match="file not found"):
@@ -103,7 +103,7 @@ def test_manifest_csv_tsv_relative_paths_and_optional_columns(tmp_path, sep, suf
         ["imgs/b.nii.gz", "", "mri", "nodule", ""],
     ]
     manifest = sub / f"list{suffix}"
-    manifest.write_text("\n".join(sep.join(r) for r in rows) + "\n")
+    manifest.write_text("\n".join(sep.join(r) for r in rows) + "\n", encoding="utf-8")
     a, b = read_manifest(manifest)
     assert a.error is None and b.error is None
     assert a.image == str(sub / "imgs" / "a.nii.gz") and a.label == str(sub / "labs" / "a.nii.gz")
@@ -111,7 +111,7 @@ def test_manifest_csv_tsv_relative_paths_and_optional_columns(tmp_path, sep, suf
     assert (b.label, b.modality, b.class_label, b.split, b.simulated) == (None, "MR", "nodule", None, False)
     # only the image column, modality from the dataset
     minimal = tmp_path / "min.csv"
-    minimal.write_text("image\ndata/imgs/a.nii.gz\n")
+    minimal.write_text("image\ndata/imgs/a.nii.gz\n", encoding="utf-8")
     (only,) = read_manifest(minimal, modality="CT")
     assert only.modality == "CT" and only.label is None and only.split is None and only.error is None
 
@@ -119,18 +119,18 @@ def test_manifest_csv_tsv_relative_paths_and_optional_columns(tmp_path, sep, suf
 def test_manifest_row_problems_are_attached_not_raised(tmp_path):
     _tiny(tmp_path, "a.nii.gz")
     manifest = tmp_path / "m.tsv"
-    manifest.write_text("image\tmodality\tsplit\na.nii.gz\tCT\tholdout\nmissing.nii.gz\tCT\t\n")
+    manifest.write_text("image\tmodality\tsplit\na.nii.gz\tCT\tholdout\nmissing.nii.gz\tCT\t\n", encoding="utf-8")
     bad_split, missing = read_manifest(manifest)
     assert "split 'holdout' is not train, val or test" in str(bad_split.error)
     assert str(missing.error) == f"{tmp_path / 'missing.nii.gz'}: file not found (m.tsv row 3)"
-    (tmp_path / "noimage.csv").write_text("path,label\nx,y\n")
+    (tmp_path / "noimage.csv").write_text("path,label\nx,y\n", encoding="utf-8")
     with pytest.raises(BadInputError, match="no 'image' column"):
         read_manifest(tmp_path / "noimage.csv")
 
 
 def test_manifest_group_and_simulated_columns(tmp_path):
     _tiny(tmp_path, "v0.nii.gz")
-    (tmp_path / "m.tsv").write_text("image\tmodality\tsimulated\tsource_case\nv0.nii.gz\tXR\ttrue\tct1\n")
+    (tmp_path / "m.tsv").write_text("image\tmodality\tsimulated\tsource_case\nv0.nii.gz\tXR\ttrue\tct1\n", encoding="utf-8")
     (entry,) = read_manifest(tmp_path / "m.tsv")
     assert entry.simulated is True and entry.group == "ct1"
     assert CaseEntry.from_dict(entry.to_dict()) == entry
@@ -154,7 +154,7 @@ def test_dicom_folder_discovery_one_case_per_series(tmp_path):
     vol = phantom_ct((8, 8, 3))
     write_dicom_series(tmp_path / "dicom" / "patientA" / "ct", vol)
     write_dicom_series(tmp_path / "dicom" / "patientB", vol)
-    (tmp_path / "dicom" / "notes.tsv").write_text("x\n")
+    (tmp_path / "dicom" / "notes.tsv").write_text("x\n", encoding="utf-8")
     entries = discover({"name": "d", "format": "dicom", "path": str(tmp_path / "dicom"), "modality": "CT"})
     assert [e.case_id for e in entries] == ["patientA_ct", "patientB"]
     single = discover({"name": "d", "format": "dicom", "path": str(tmp_path / "dicom" / "patientB")})
@@ -167,7 +167,7 @@ def test_images_folder_discovery(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "sub").mkdir()
     write_radiograph_dicom(tmp_path / "sub" / "b.dcm", radiograph_pixels(8, 8))
-    (tmp_path / "sources.json").write_text(json.dumps({}))
+    (tmp_path / "sources.json").write_text(json.dumps({}), encoding="utf-8")
     entries = discover({"name": "x", "format": "images", "path": str(tmp_path)})
     assert [(e.case_id, e.modality) for e in entries] == [("a", "XR"), ("sub_b", "XR")]
 

@@ -47,7 +47,7 @@ def test_loss_and_embedding_figures(tmp_path):
         for step in range(60):
             inter = "" if method == "swav2d" else f"{2.0 * np.exp(-step / 30):.4f}"
             lines.append(f"{step},{scale * np.exp(-step / 20) + 1:.4f},{np.exp(-step / 25):.4f},{inter},,0.001,50")
-        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
         rng = np.random.default_rng(1)
         np.savez(
             folder / "embeddings.npz",
@@ -104,7 +104,7 @@ def _segmentation_runs(root: Path) -> list[Path]:
                     "seed": seed, "trained_on": "real labels", "classes": {"1": "ball", "2": "box"},
                     "test_cases": [{"case_id": "c0", "image": image, "label": label, "label_map": {"7": 1, "9": 2},
                                     "prediction": "predictions/c0.nii.gz", "roi": "roi/c0.nii.gz"}],
-                }))  # fmt: skip
+                }), encoding="utf-8")  # fmt: skip
                 evaluate_run(run)
                 files.append(run / "metrics.json")
     return files
@@ -150,10 +150,11 @@ def test_detection_figure(tmp_path):
             "trained_on": "simulated nodules", "classes": {"0": "nodule"}, "predictions": "detections.csv",
             "detection": {"min_hit_radius_mm": 5.0},
             "test_cases": [{"case_id": "s0", "lesions": [{"x_mm": 40, "y_mm": 30, "z_mm": 20, "diameter_mm": 10}]}],
-        }))  # fmt: skip
+        }), encoding="utf-8")  # fmt: skip
         (run / "detections.csv").write_text(
             "case_id,x_mm,y_mm,z_mm,score,diameter_mm,n_slices\n"
-            f"s0,{40 + dx},30,20,0.9,8,2\ns0,10,60,21,0.4,6,1\n"
+            f"s0,{40 + dx},30,20,0.9,8,2\ns0,10,60,21,0.4,6,1\n",
+            encoding="utf-8",
         )
         evaluate_run(run)
         runs.append(str(run))

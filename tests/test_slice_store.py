@@ -98,7 +98,7 @@ def test_sigkill_mid_write_leaves_no_case_file(tmp_path):
         def slow(handle, attrs):
             original(handle, attrs)
             handle.flush()
-            Path({str(marker)!r}).write_text("x")
+            Path({str(marker)!r}).write_text("x", encoding="utf-8")
             time.sleep(60)
         slice_store._write_attrs = slow
         import json

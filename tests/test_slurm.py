@@ -78,7 +78,7 @@ def ci_profile(folder: Path) -> Path:
     Everything that decides how jobs are submitted and retried (executor, retries, requeue,
     gpu, slurm_extra, runtime expressions) is kept as it is.
     """
-    prof = yaml.safe_load(PROFILE.read_text())
+    prof = yaml.safe_load(PROFILE.read_text(encoding="utf-8"))
     prof["set-threads"] = {rule: 1 for rule in prof.get("set-threads", {})}
     for res in prof.get("set-resources", {}).values():
         if "mem_mb" in res:
@@ -86,7 +86,7 @@ def ci_profile(folder: Path) -> Path:
     prof["default-resources"] = {"mem_mb": 2000, "runtime": 30}
     prof["latency-wait"] = 5
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False))
+    (folder / "config.yaml").write_text(yaml.safe_dump(prof, sort_keys=False), encoding="utf-8")
     return folder
 
 
@@ -138,9 +138,9 @@ def test_study_on_slurm_with_preempted_pretraining(tmp_path):
         *targets,
     ]
     started = time.monotonic()
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    text = lambda: log_path.read_text()  # noqa: E731
+    text = lambda: log_path.read_text(encoding="utf-8")  # noqa: E731
     run_id = None
     try:
         run_id = wait_for(lambda: (re.search(r"SLURM run ID: (\S+)", text()) or [None, None])[1], proc, 120, "run id")
@@ -204,7 +204,7 @@ def test_study_on_slurm_with_preempted_pretraining(tmp_path):
     assert first["State"] == "FAILED", first
     assert second["State"] == "COMPLETED", second
     assert minutes(second["Timelimit"]) > minutes(first["Timelimit"]), (first, second)
-    pre_log = (results / "logs" / "pretrain" / "joint.log").read_text()
+    pre_log = (results / "logs" / "pretrain" / "joint.log").read_text(encoding="utf-8")
     resumed = re.search(r"resuming from step (\d+)", pre_log)
     assert resumed and int(resumed.group(1)) > 0, pre_log[-2000:]
     assert "starting at step 0" not in pre_log

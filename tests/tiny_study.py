@@ -42,7 +42,7 @@ def write_data(root: Path, cases: int = 4) -> Path:
         nib.save(nib.Nifti1Image(label, affine), str(folder / "labels" / f"ph{i}.nii.gz"))
         rows.append(f"images/ph{i}.nii.gz\tlabels/ph{i}.nii.gz\tCT")
     manifest = folder / "manifest.tsv"
-    manifest.write_text("\n".join(rows) + "\n")
+    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -112,5 +112,5 @@ def write_study(root: Path, cases: int = 4, **overrides) -> Path:
     config = copy.deepcopy(CONFIG)
     config.update(overrides)
     path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path

@@ -129,7 +129,7 @@ def read_store_json(slices_dir: str | os.PathLike[str], name: str) -> dict[str, 
     """
     path = Path(slices_dir) / name
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise BadInputError(path, "not found (run the data stage first)") from err
     except (OSError, ValueError) as err:

@@ -76,7 +76,7 @@ class PretrainCase:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise BadInputError(path, f"cannot read slice store metadata ({err})") from err
 

@@ -275,7 +275,9 @@ def _load_label_map(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tupl
     if data.ndim not in (2, 3):
         raise BadInputError(path, f"{what} must be 2D or 3D, got shape {data.shape}")
     spacing = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
-    if not np.all(np.isfinite(data)) or not np.allclose(data, np.round(data)):
+    if not np.issubdtype(data.dtype, np.integer) and (
+        not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data))
+    ):
         raise BadInputError(path, f"{what} must hold integer labels")
     return data.astype(np.int32), np.asarray(img.affine, dtype=np.float64), spacing
 
@@ -283,12 +285,13 @@ def _load_label_map(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tupl
 def _apply_label_map(raw: np.ndarray, label_map: Mapping[str, int] | None) -> np.ndarray:
     if label_map is None:
         return raw
-    lut_values = {int(k): int(v) for k, v in label_map.items()}
-    out = np.zeros_like(raw)
-    for src, dst in lut_values.items():
-        if dst:
-            out[raw == src] = dst
-    return out
+    mapping = {int(k): int(v) for k, v in label_map.items()}
+    low, high = int(raw.min()), int(raw.max())
+    lut = np.zeros(high - low + 1, dtype=raw.dtype)
+    for src, dst in mapping.items():
+        if low <= src <= high:
+            lut[src - low] = dst
+    return lut[raw - low]
 
 
 def _segmentation_rows(run_dir: Path, run: Mapping[str, Any], keys: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -335,7 +338,7 @@ def _segmentation_rows(run_dir: Path, run: Mapping[str, Any], keys: Mapping[str,
 def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         raise BadInputError(path, "predictions file is missing")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -405,7 +408,7 @@ def write_per_case(path: Path, rows: Sequence[Mapping[str, Any]], columns: Seque
 
 def read_per_case(path: Path) -> list[dict[str, str]]:
     """The rows of a ``per_case.csv``."""
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -432,7 +435,7 @@ def evaluate_run(run_dir: str | Path, settings: Mapping[str, Any] | None = None)
     opts = EvaluationSettings.from_dict(settings)
     run_json = run_dir / "run.json"
     try:
-        run = json.loads(run_json.read_text())
+        run = json.loads(run_json.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise BadInputError(run_json, f"cannot read run description: {err}") from err
     task_type = run.get("type")

@@ -42,9 +42,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_roc_auc
-from monai.metrics.froc import compute_froc_curve_data, compute_froc_score
 
 FROC_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """False positives per scan at which FROC sensitivity is reported (LUNA16)."""
@@ -89,6 +86,11 @@ def segmentation_scores(
         ``{class: {"dice": float, "hd95": float}}``; NaN where the class is absent from both maps
         (see the module docstring for the other conventions).
     """
+    # torch and MONAI load on first use: the study table and the report figures import this
+    # module for the summaries alone, and importing MONAI costs ~7 s per process
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
     if len(spacing) != pred.ndim:
@@ -96,9 +98,14 @@ def segmentation_scores(
     if roi is not None:
         if roi.shape != gt.shape:
             raise ValueError(f"ROI shape {roi.shape} differs from ground truth shape {gt.shape}")
+        if roi.any():
+            # everything outside the ROI's box is ignored anyway; cropping first keeps the
+            # per-class work proportional to the scored region (a test slab, not the volume)
+            region = _bbox(roi, margin=0)
+            pred, gt, roi = pred[region], gt[region], roi[region]
         pred = np.where(roi, pred, 0)
         gt = np.where(roi, gt, 0)
-        extent = np.array([(s.stop - s.start) for s in _bbox(roi, margin=0)]) if roi.any() else np.zeros(pred.ndim)
+        extent = np.array(pred.shape) if roi.any() else np.zeros(pred.ndim)
     else:
         extent = np.array(pred.shape)
     worst = float(np.linalg.norm(extent * np.asarray(spacing, dtype=float)))
@@ -143,6 +150,9 @@ def roc_auc_per_class(probs: np.ndarray, targets: np.ndarray) -> list[float]:
     Returns:
         C AUC values; NaN for a class whose targets are all 0 or all 1.
     """
+    import torch  # on first use, see segmentation_scores
+    from monai.metrics import compute_roc_auc
+
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2:
         raise ValueError(f"probs must be (N, C), got shape {probs.shape}")
@@ -253,6 +263,8 @@ def froc(
         ``{"froc_avg": mean sensitivity, "froc_sens@<r>fp": sensitivity at rate r, ...}``;
         all NaN when there is no nodule.
     """
+    from monai.metrics.froc import compute_froc_curve_data, compute_froc_score  # see segmentation_scores
+
     fp = np.asarray(fp_scores, dtype=np.float64)
     tp = np.asarray(tp_scores, dtype=np.float64)
     out: dict[str, float] = {}

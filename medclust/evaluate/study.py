@@ -100,7 +100,7 @@ def load_run(path: str | Path) -> RunResult:
     """Read a run's ``metrics.json`` and, if present, the ``per_case.csv`` beside it."""
     path = Path(path)
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise BadInputError(path, f"cannot read metrics: {err}") from err
     for key in ("task", "type", "init", "fraction", "seed", "primary_metric", "metrics"):
@@ -235,7 +235,7 @@ def read_study_table(path: str | Path) -> list[dict[str, Any]]:
     """Read a study CSV back into typed rows (floats, ints, booleans; empty -> NaN)."""
     path = Path(path)
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             raw = list(csv.DictReader(handle))
     except OSError as err:
         raise BadInputError(path, f"cannot read study table: {err}") from err

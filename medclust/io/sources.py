@@ -298,7 +298,7 @@ def discover_msd(folder: str | os.PathLike[str], modality: str | None = None) ->
     dataset_json = root / "dataset.json"
     if dataset_json.is_file():
         try:
-            meta = json.loads(dataset_json.read_text())
+            meta = json.loads(dataset_json.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise BadInputError(dataset_json, f"cannot parse dataset.json ({err})") from err
         training = meta.get("training")

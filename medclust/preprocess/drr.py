@@ -285,7 +285,7 @@ def simulate_drr_dataset(
     mu_water = float(settings.get("mu_water", 0.02))
     pixel_spacing = float(settings.get("pixel_spacing", 1.0))
     try:
-        source = json.loads(cases_json.read_text())
+        source = json.loads(cases_json.read_text(encoding="utf-8"))
         cases = source["cases"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise BadInputError(cases_json, f"cannot read the cases list: {err}") from err
@@ -375,7 +375,7 @@ def simulate_drr_dataset(
     write_provenance(out, {"simulated": True, **dict(settings)}, inputs)
     manifest = out / "manifest.tsv"
     with atomic_path(manifest) as tmp:
-        with open(tmp, "w", newline="") as handle:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=DRR_MANIFEST_COLUMNS, delimiter="\t", lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)

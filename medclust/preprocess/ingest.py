@@ -230,7 +230,7 @@ def read_cases(path: str | os.PathLike[str]) -> tuple[str, list[CaseEntry]]:
     import json
 
     try:
-        record = json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
         return str(record["dataset"]), [CaseEntry.from_dict(c) for c in record["cases"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise BadInputError(path, f"cannot read case list ({err})") from err

@@ -28,7 +28,7 @@ def read_loss_curve(path: str | Path) -> dict[str, list[float]]:
     """The numeric columns of a training ``metrics.csv`` (empty fields -> NaN)."""
     path = Path(path)
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     except OSError as err:
         raise BadInputError(path, f"cannot read training log: {err}") from err
@@ -55,7 +55,7 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise BadInputError(path, f"cannot read: {err}") from err
 
@@ -64,7 +64,7 @@ def _per_case(run_dir: Path) -> dict[str, dict[str, str]]:
     path = run_dir / "per_case.csv"
     if not path.exists():
         return {}
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8") as handle:
         return {row["case_id"]: row for row in csv.DictReader(handle)}
 
 
@@ -232,7 +232,7 @@ def detection_example(
         path = Path(run_dir) / run.get("predictions", "detections.csv")
         per_case: dict[str, list[Detection]] = {}
         if path.exists():
-            with open(path, newline="") as handle:
+            with open(path, newline="", encoding="utf-8") as handle:
                 for r in csv.DictReader(handle):
                     det = Detection(r["case_id"], (float(r["x_mm"]), float(r["y_mm"]), float(r["z_mm"])), float(r["score"]))
                     per_case.setdefault(det.case_id, []).append(det)

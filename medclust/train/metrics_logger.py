@@ -75,7 +75,7 @@ class MetricsLogger:
 
     def _rewrite(self) -> None:
         with atomic_path(self.path) as tmp:
-            with open(tmp, "w", newline="") as handle:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
                 if self.columns:
                     writer = csv.DictWriter(handle, fieldnames=self.columns, restval="")
                     writer.writeheader()
@@ -91,7 +91,7 @@ class MetricsLogger:
         if grew:
             self._rewrite()  # a new column (e.g. a loss that starts after warm-up): rewrite with the wider header
         else:
-            with open(self.path, "a", newline="") as handle:
+            with open(self.path, "a", newline="", encoding="utf-8") as handle:
                 csv.DictWriter(handle, fieldnames=self.columns, restval="").writerow({k: _fmt(v) for k, v in row.items()})
         if self._writer is not None:
             for key, value in values.items():

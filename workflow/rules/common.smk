@@ -51,7 +51,7 @@ def dataset_settings(dataset):
 def cases_of(dataset):
     """Case ids that passed QC (needs the ingest checkpoint to have run)."""
     cases_json = checkpoints.ingest.get(dataset=dataset).output.cases
-    with open(cases_json) as handle:
+    with open(cases_json, encoding="utf-8") as handle:
         return [case["case_id"] for case in json.load(handle)["cases"]]
 
 
@@ -296,7 +296,7 @@ def ingest_inputs(wildcards):
 def case_entry(dataset, case):
     """The entry of `case` in the ingest checkpoint's case list of `dataset`."""
     cases_json = checkpoints.ingest.get(dataset=dataset).output.cases
-    with open(cases_json) as handle:
+    with open(cases_json, encoding="utf-8") as handle:
         for entry in json.load(handle)["cases"]:
             if entry["case_id"] == case:
                 return cases_json, entry

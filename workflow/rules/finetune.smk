@@ -1,7 +1,8 @@
 # Fine-tuning: one run per {task}/{init}/{fraction}/{seed} (owned by the fine-tuning stage).
 #   rule finetune_run  results/finetune/{task}/{init}/{fraction}/{seed}/model.pt (+ run.json,
-#                      predictions, val.csv, metrics.csv, provenance.json; checkpoint/ is not an
-#                      output so that a pre-empted run resumes)
+#                      metrics.json and per_case.csv (the test scores), predictions, val.csv,
+#                      metrics.csv, provenance.json; checkpoint/ is not an output so that a
+#                      pre-empted run resumes)
 # The target rule `finetune` (Snakefile) collects finetune_targets; helpers are in common.smk.
 
 
@@ -11,6 +12,8 @@ rule finetune_run:
     output:
         model=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/model.pt",
         run=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/run.json",
+        metrics=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/metrics.json",
+        per_case=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/per_case.csv",
     params:
         settings=lambda wildcards: as_json(finetune_settings(wildcards.task)),
         slices=lambda wildcards, input: str(Path(input.index).parent),

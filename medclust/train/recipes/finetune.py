@@ -82,7 +82,7 @@ def dataset_label_names(entry: Mapping[str, Any] | None) -> dict[int, str]:
     if path and entry.get("format") == "msd":
         meta = Path(path) / "dataset.json"
         try:
-            labels = json.loads(meta.read_text()).get("labels", {})
+            labels = json.loads(meta.read_text(encoding="utf-8")).get("labels", {})
         except (OSError, ValueError) as err:
             raise BadInputError(meta, f"cannot read label names: {err}") from err
         out = {}
@@ -104,7 +104,7 @@ def read_lesion_table(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise BadInputError(p, f"cannot read lesion table: {err}") from err
     dialect = "excel-tab" if "\t" in text.splitlines()[0] else "excel"
@@ -713,8 +713,9 @@ def run_finetune(
     seed: int,
     encoder: str | os.PathLike[str] | None = None,
     train_slices_dir: str | os.PathLike[str] | None = None,
+    evaluate: bool = True,
 ) -> Path:
-    """Train, select on val, predict the test cases and write the run folder.
+    """Train, select on val, predict and score the test cases and write the run folder.
 
     Args:
         settings: resolved task settings (grid keys + the task's keys; ``task`` = its name).
@@ -725,6 +726,9 @@ def run_finetune(
         seed: run seed (label subset, initialisation, data order).
         encoder: the pretrained ``encoder.pt``; required unless ``init == "none"``.
         train_slices_dir: slice store of the training dataset when it differs.
+        evaluate: score the predictions in this process (``metrics.json``, ``per_case.csv``,
+            see :func:`medclust.evaluate.evaluate_run`); a separate ``medclust evaluate`` would
+            pay the torch + MONAI start-up (~7 s) once more per run.
 
     Returns:
         The path of ``model.pt`` (written last).
@@ -789,6 +793,10 @@ def run_finetune(
     if data.settings.get("lesion_table"):
         inputs.append(Path(data.settings["lesion_table"]))
     write_provenance(out, {**run_settings, "init": init, "fraction": fraction, "seed": seed}, inputs)
+    if evaluate:
+        from medclust.evaluate import evaluate_run
+
+        evaluate_run(out, run_settings)
     model_path = out / "model.pt"
     with atomic_path(model_path) as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)

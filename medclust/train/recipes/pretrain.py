@@ -549,7 +549,7 @@ def run_pretraining(
     metrics = out_dir / "metrics.csv"
     if not metrics.exists() or metrics.stat().st_size == 0:  # `none` trains nothing: header only
         with atomic_path(metrics) as tmp:
-            tmp.write_text(",".join(METRIC_COLUMNS) + "\n")
+            tmp.write_text(",".join(METRIC_COLUMNS) + "\n", encoding="utf-8")
     inputs = [Path(p) / name for p in (stores.values() if isinstance(stores, Mapping) else stores) for name in ("index.json", "splits.json")]
     final = trainer.history[-1] if trainer.history else {}
     write_provenance(
