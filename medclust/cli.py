@@ -217,9 +217,10 @@ def _cmd_pretrain(sub: Any) -> None:
 def _cmd_finetune(sub: Any) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune one downstream run (task x init x fraction x seed) and predict its test cases",
-        description="Trains on the task's training items (label fraction, seed), selects on val, predicts the "
-        "test cases and writes run.json, predictions, provenance.json and model.pt (last) into --out.",
+        help="fine-tune one downstream run (task x init x fraction x seed), predict and score its test cases",
+        description="Trains on the task's training items (label fraction, seed), selects on val, predicts and "
+        "scores the test cases and writes run.json, predictions, metrics.json, per_case.csv, provenance.json "
+        "and model.pt (last) into --out.",
     )
     p.add_argument("--settings", type=settings_arg, required=True,
                    help="the task's resolved settings (finetune keys + the task's own) as JSON, or @file.yaml")

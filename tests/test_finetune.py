@@ -28,6 +28,7 @@ from medclust.data.downstream import (
     slice_targets_from_mask,
 )
 from medclust.errors import MedclustError
+from medclust.evaluate import evaluate_run
 from medclust.evaluate.predict import group_peaks
 from medclust.io.original_grid import store_index_to_world
 from medclust.models.heads import adapt_first_conv, build_task_model, heatmap_focal_loss, load_encoder_weights
@@ -273,9 +274,14 @@ def test_segmentation_run_writes_the_documented_folder(tmp_path, chest_store):
     torch.save(enc.state_dict(), encoder_pt)
     out = tmp_path / "run"
     run_finetune(_seg_settings(), chest_store, out, "joint", 0.5, 0, encoder=encoder_pt)
-    for name in ("model.pt", "run.json", "metrics.csv", "val.csv", "provenance.json"):
+    for name in ("model.pt", "run.json", "metrics.csv", "val.csv", "provenance.json", "metrics.json", "per_case.csv"):
         assert (out / name).is_file(), name
     assert not (out / "checkpoint").exists()
+    scored = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert (scored["task"], scored["init"], scored["fraction"], scored["seed"]) == ("organs", "joint", 0.5, 0)
+    assert scored["primary_metric"] == "dice_mean" and set(scored["class_keys"].values()) == {"disc", "square"}
+    # the in-process scores are what re-scoring the folder by hand gives
+    assert json.dumps(evaluate_run(out)["metrics"], sort_keys=True) == json.dumps(scored["metrics"], sort_keys=True)
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     for key in ("task", "type", "dataset", "init", "fraction", "seed", "classes", "test_cases", "predictions", "mode", "trained_on", "selection"):
         assert key in run, key
