@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from medclust.io.slice_store import write_case
@@ -38,6 +39,8 @@ def write_store(root: Path, dataset: str, cases: list[dict], splits: dict | None
     """Write ``root/dataset/{case}.h5`` + index.json + splits.json.
 
     Each case dict: case_id, image (S,H,W), optional label, affine, class_label, original_* attrs.
+    When the original grid is the store grid (no original_shape / original_affine given), the
+    label is also written as a real NIfTI source file (``root/sources``), so runs can be scored.
     """
     folder = Path(root) / dataset
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,6 +50,13 @@ def write_store(root: Path, dataset: str, cases: list[dict], splits: dict | None
         s, h, w = image.shape
         affine = case.get("affine", store_affine())
         z0 = affine[2, 3]
+        label_path = f"/data/{case['case_id']}_seg.nii.gz" if case.get("label") is not None else ""
+        if label_path and "original_affine" not in case and case.get("original_shape", [h, w, s]) == [h, w, s]:
+            sources = Path(root) / "sources"
+            sources.mkdir(exist_ok=True)
+            label_path = str(sources / f"{case['case_id']}_seg.nii.gz")
+            # the store holds np.moveaxis(volume_xyz, slice_axis=2, 0)
+            nib.save(nib.Nifti1Image(np.moveaxis(np.asarray(case["label"], np.int16), 0, 2), affine), label_path)
         attrs = {
             "case_id": case["case_id"],
             "dataset": dataset,
@@ -54,7 +64,7 @@ def write_store(root: Path, dataset: str, cases: list[dict], splits: dict | None
             "simulated": False,
             "source_path": f"/data/{case['case_id']}.nii.gz",
             "source_sha256": "0" * 64,
-            "label_path": f"/data/{case['case_id']}_seg.nii.gz" if case.get("label") is not None else "",
+            "label_path": label_path,
             "original_shape": case.get("original_shape", [h, w, s]),
             "original_spacing": list(np.linalg.norm(affine[:3, :3], axis=0)),
             "original_affine": case.get("original_affine", affine),
