@@ -62,7 +62,7 @@ HIGHER_IS_BETTER = {"hd95_mean": False}
 
 @dataclass
 class EvaluationSettings:
-    """Evaluation options (config ``study`` section).
+    """Evaluation options: the run's fine-tuning settings, or ``medclust evaluate --settings``.
 
     Args:
         min_hit_radius_mm: floor of the detection hit radius (used when run.json has none).
@@ -423,7 +423,8 @@ def evaluate_run(run_dir: str | Path, settings: Mapping[str, Any] | None = None)
 
     Args:
         run_dir: ``results/finetune/{task}/{init}/{fraction}/{seed}``.
-        settings: the config ``study`` section (evaluation options, see :class:`EvaluationSettings`).
+        settings: evaluation options, see :class:`EvaluationSettings` (the values recorded in
+            run.json win).
 
     Returns:
         The ``metrics.json`` content.

@@ -713,7 +713,6 @@ def run_finetune(
     seed: int,
     encoder: str | os.PathLike[str] | None = None,
     train_slices_dir: str | os.PathLike[str] | None = None,
-    evaluate: bool = True,
 ) -> Path:
     """Train, select on val, predict and score the test cases and write the run folder.
 
@@ -726,13 +725,11 @@ def run_finetune(
         seed: run seed (label subset, initialisation, data order).
         encoder: the pretrained ``encoder.pt``; required unless ``init == "none"``.
         train_slices_dir: slice store of the training dataset when it differs.
-        evaluate: score the predictions in this process (``metrics.json``, ``per_case.csv``,
-            see :func:`medclust.evaluate.evaluate_run`); a separate ``medclust evaluate`` would
-            pay the torch + MONAI start-up (~7 s) once more per run.
 
     Returns:
         The path of ``model.pt`` (written last).
     """
+    from medclust.evaluate import evaluate_run
     from medclust.provenance import write_provenance
     from medclust.train import Trainer, TrainerConfig
 
@@ -793,10 +790,8 @@ def run_finetune(
     if data.settings.get("lesion_table"):
         inputs.append(Path(data.settings["lesion_table"]))
     write_provenance(out, {**run_settings, "init": init, "fraction": fraction, "seed": seed}, inputs)
-    if evaluate:
-        from medclust.evaluate import evaluate_run
-
-        evaluate_run(out, run_settings)
+    # scored here, not in a job of its own, which would pay the ~7 s torch + MONAI start-up again
+    evaluate_run(out, run_settings)
     model_path = out / "model.pt"
     with atomic_path(model_path) as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
