@@ -22,6 +22,9 @@ little beyond the slice attention. The masked objective's targets are the (stop-
 slice embeddings of that same pass, and one masked attention pass serves both the masked and
 the inter objective (masking doubles as a volume-level augmentation).
 
+Settings and the model they build live in :mod:`.pretrain_settings`, the embedding export in
+:mod:`.pretrain_export`; this module is the training task and the run.
+
 Outputs of :func:`run_pretraining` in ``out_dir``: ``metrics.csv`` and ``tensorboard/`` (by the
 trainer), ``embeddings.npz``, ``provenance.json``, ``slice_encoder.pt`` and, written last,
 ``encoder.pt`` (the MONAI ``ResNetEncoder`` state dict that ``FlexibleUNet(...).encoder`` loads
@@ -30,8 +33,6 @@ with ``strict=True``).
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
 import time
@@ -39,31 +40,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from medclust.config import load_schema
 from medclust.data.augment import AugmentSettings
-from medclust.data.pretrain_datasets import (
-    CaseArrays,
-    PretrainBatches,
-    PretrainCase,
-    collect_cases,
-    eval_volume_indices,
-    item_table,
-    plan_epoch,
-    resize_slices,
-    volume_table,
-)
+from medclust.data.pretrain_datasets import CaseArrays, PretrainBatches, PretrainCase, collect_cases, item_table, plan_epoch, volume_table
 from medclust.errors import MedclustError
 from medclust.io.atomic import atomic_path
 from medclust.losses import Agreement3DLoss, DeepClusterLoss, MaskedEmbeddingLoss, MemoryBank, SwAVLoss
-from medclust.models import JointModel, SliceAttention, SliceEncoder, masked_mean, normalize_prototypes_, set_prototypes_frozen
+from medclust.models import JointModel, SliceEncoder, normalize_prototypes_, set_prototypes_frozen
 from medclust.provenance import write_provenance
 from medclust.train.distributed import DistContext
+from medclust.train.recipes.pretrain_export import export_cases, export_embeddings
+from medclust.train.recipes.pretrain_settings import (
+    METHODS,
+    METRIC_COLUMNS,
+    RUNTIME_KEYS,
+    THREE_D_KEYS,
+    build_joint_model,
+    resolve_settings,
+)
 from medclust.train.seeding import derive_seed, loader_generator, worker_init_fn
 from medclust.train.trainer import Trainer, TrainerConfig
 
@@ -78,69 +75,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("medclust.pretrain")
-
-METHODS = ("joint", "swav2d", "deepcluster2d", "none")
-#: settings only the joint method reads; other methods run with their schema defaults, so that
-#: tuning the 3D branch does not invalidate (re-trigger) the 2D baselines (the Snakemake rule
-#: leaves them out of those methods' params: PRETRAIN_3D_KEYS in workflow/rules/common.smk)
-THREE_D_KEYS = (
-    "w_intra", "w_inter", "w_mask", "warmup_2d_steps", "heads", "points", "layers", "k_3d",
-    "mask_ratio", "mask_loss", "s_max", "batch_size_3d", "volume_size", "queue_length_3d", "volume_slices_in_2d",
-)
-# keys that change how fast a run goes or what it logs, not what it learns
-_RUNTIME_KEYS = ("num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "compile", "progress", "tensorboard", "methods")
-# accepted besides the schema's keys: the global seed and trainer switches that are not config keys
-_NON_CONFIG_KEYS = ("seed", "progress", "tensorboard", "deterministic", "max_steps")
-METRIC_COLUMNS = ("step", "loss", "loss_intra", "loss_inter", "loss_mask", "lr", "items_per_s")
-
-
-def _pretrain_schema() -> dict[str, Any]:
-    return load_schema()["properties"]["pretrain"]
-
-
-def _defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, sub in schema.get("properties", {}).items():
-        if "default" in sub:
-            value = copy.deepcopy(sub["default"])
-            if isinstance(value, dict) and sub.get("type") == "object":
-                value = {**_defaults(sub), **value}
-            out[key] = value
-    return out
-
-
-def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``pretrain`` settings with every schema default filled in (plus ``seed``, default 0).
-
-    Args:
-        settings: a (possibly partial) ``pretrain`` section; may hold the global ``seed``.
-
-    Returns:
-        A new dict.
-    """
-    schema = _pretrain_schema()
-    resolved = _defaults(schema)
-    for key, value in settings.items():
-        if isinstance(value, Mapping) and isinstance(resolved.get(key), dict):
-            resolved[key] = {**resolved[key], **value}
-        else:
-            resolved[key] = copy.deepcopy(value)
-    resolved.setdefault("seed", 0)
-    # the CLI may be called without Snakemake's schema validation: check here (trainer-only
-    # switches such as `progress` are not config keys)
-    checked = {k: v for k, v in resolved.items() if k not in _NON_CONFIG_KEYS}
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(checked), key=lambda e: list(e.absolute_path))
-    if errors:
-        where = ".".join(str(p) for p in errors[0].absolute_path) or "<section>"
-        raise MedclustError(f"pretrain settings: key '{where}': {errors[0].message}")
-    return resolved
-
-
-def build_joint_model(s: Mapping[str, Any]) -> JointModel:
-    """Encoder + slice attention + heads + prototypes from resolved settings."""
-    encoder = SliceEncoder(s["backbone"], d_model=s["d_model"])
-    attention = SliceAttention(s["d_model"], heads=s["heads"], points=s["points"], layers=s["layers"])
-    return JointModel(encoder, attention, d_model=s["d_model"], proj_dim=s["proj_dim"], k_2d=s["k_2d"], k_3d=s["k_3d"], mask_ratio=s["mask_ratio"])
 
 
 class PretrainTask:
@@ -222,7 +156,7 @@ class PretrainTask:
 
     def signature(self) -> dict[str, Any]:
         """Settings and data that identify the run (a checkpoint of another run is discarded)."""
-        learn = {k: v for k, v in self.s.items() if k not in _RUNTIME_KEYS}
+        learn = {k: v for k, v in self.s.items() if k not in RUNTIME_KEYS}
         return {"method": self.method, "settings": learn, "cases": [(c.dataset, c.case_id) for c in self.cases]}
 
     def _plans(self, epoch: int, rank: int, world_size: int) -> list[Any]:
@@ -365,128 +299,6 @@ def _unwrap(model: nn.Module) -> JointModel:
     return getattr(model, "_orig_mod", model)  # type: ignore[return-value]
 
 
-# -- export ---------------------------------------------------------------------------------------
-
-
-def _export_cases(stores: Any) -> tuple[list[PretrainCase], dict[str, str]]:
-    """Validation cases of each dataset, or its training cases when it has none."""
-    cases = collect_cases(stores, ("train", "val"))
-    chosen, used = [], {}
-    for dataset in dict.fromkeys(c.dataset for c in cases):
-        val = [c for c in cases if c.dataset == dataset and c.split == "val"]
-        if val:
-            chosen += val
-            used[dataset] = "val"
-        else:
-            chosen += [c for c in cases if c.dataset == dataset]
-            used[dataset] = "train (no validation cases)"
-    return chosen, used
-
-
-@torch.no_grad()
-def export_embeddings(
-    model: JointModel,
-    arrays: CaseArrays,
-    settings: Mapping[str, Any],
-    method: str,
-    path: str | os.PathLike[str],
-    splits_used: Mapping[str, str],
-    device: torch.device | None = None,
-    chunk: int = 64,
-) -> dict[str, np.ndarray]:
-    """Slice and volume embeddings of the given cases, with cluster assignments, as ``.npz``.
-
-    Slice embeddings are the encoder's ``d_model`` vectors of every slice (at most
-    ``embed_max_slices`` evenly spaced per case), cluster = argmax of the 2D prototypes. Volume
-    embeddings (cases with >= 2 slices, ``s_max`` evenly spaced slices): for ``joint`` the mean
-    of the slice-attention outputs, cluster = argmax of the 3D prototypes; for the other
-    methods, which have no trained 3D branch, the mean slice embedding and cluster -1.
-
-    Args:
-        model: the trained model.
-        arrays: the cases to embed.
-        settings: resolved settings.
-        method: the method name (stored in the metadata).
-        path: the ``embeddings.npz`` to write (atomically).
-        splits_used: dataset -> which split's cases were embedded (metadata).
-        device: where to run (default CPU).
-        chunk: slices per forward pass.
-
-    Returns:
-        The arrays written.
-    """
-    device = device or torch.device("cpu")
-    model = model.to(device).eval()
-    s = settings
-    view_size, volume_size, s_max = tuple(s["view_size"]), tuple(s["volume_size"]), int(s["s_max"])
-    attention_pooling = method == "joint"
-    slice_rows: dict[str, list[Any]] = {k: [] for k in ("emb", "dataset", "modality", "cluster", "case", "index")}
-    vol_rows: dict[str, list[Any]] = {k: [] for k in ("emb", "dataset", "modality", "cluster", "case")}
-
-    def embed(images: np.ndarray, size: tuple[int, ...]) -> Tensor:
-        x = resize_slices(torch.from_numpy(images), size)
-        return torch.cat([model.embed_slices(x[i : i + chunk, None].to(device)) for i in range(0, len(x), chunk)])
-
-    limit = int(s["embed_max_slices"])
-    for c, case in enumerate(arrays.cases):
-        n = case.num_slices
-        idx = eval_volume_indices(n, limit) if limit > 0 else np.arange(n)
-        emb = embed(arrays.slices(c, idx), view_size)
-        clusters = model.prototypes_2d(model.project_2d(emb)).argmax(1)
-        slice_rows["emb"].append(emb.float().cpu())
-        slice_rows["cluster"].append(clusters.cpu())
-        slice_rows["index"].append(torch.from_numpy(idx))
-        for key, value in (("dataset", case.dataset), ("modality", case.modality), ("case", case.case_id)):
-            slice_rows[key] += [value] * len(idx)
-        if n < 2:
-            continue
-        vidx = eval_volume_indices(n, s_max)
-        if attention_pooling:
-            tokens = embed(arrays.slices(c, vidx), volume_size)[None]
-            valid = torch.ones(1, len(vidx), dtype=torch.bool, device=device)
-            z = torch.from_numpy(arrays.z_mm[c][vidx]).to(device)[None]
-            out, vol = model.embed_volume(tokens, z, valid)
-            rep = masked_mean(out, valid)[0]
-            cluster = int(model.prototypes_3d(vol).argmax(1)[0])
-        else:
-            rep = embed(arrays.slices(c, vidx), view_size).mean(0)
-            cluster = -1
-        vol_rows["emb"].append(rep.float().cpu()[None])
-        vol_rows["cluster"].append(cluster)
-        for key, value in (("dataset", case.dataset), ("modality", case.modality), ("case", case.case_id)):
-            vol_rows[key].append(value)
-
-    d = model.d_model
-    meta = {
-        "method": method,
-        "cases_embedded": dict(splits_used),
-        "slice_embedding": f"SliceEncoder output (d_model={d}); at most {limit or 'all'} slices per case, resized to {list(view_size)}",
-        "slice_cluster": "argmax of the 2D (intra) prototypes",
-        "volume_embedding": (
-            f"mean of slice-attention outputs over {s_max} evenly spaced slices" if attention_pooling else f"mean slice embedding over {s_max} evenly spaced slices"
-        ),
-        "volume_cluster": "argmax of the 3D (inter) prototypes" if attention_pooling else "-1: this method has no trained volume prototypes",
-    }
-    arrays_out = {
-        "slice_embeddings": torch.cat(slice_rows["emb"]).numpy() if slice_rows["emb"] else np.zeros((0, d), np.float32),
-        "slice_dataset": np.asarray(slice_rows["dataset"], dtype=str),
-        "slice_modality": np.asarray(slice_rows["modality"], dtype=str),
-        "slice_cluster": torch.cat(slice_rows["cluster"]).numpy().astype(np.int64) if slice_rows["cluster"] else np.zeros(0, np.int64),
-        "slice_case": np.asarray(slice_rows["case"], dtype=str),
-        "slice_index": torch.cat(slice_rows["index"]).numpy().astype(np.int64) if slice_rows["index"] else np.zeros(0, np.int64),
-        "volume_embeddings": torch.cat(vol_rows["emb"]).numpy() if vol_rows["emb"] else np.zeros((0, d), np.float32),
-        "volume_dataset": np.asarray(vol_rows["dataset"], dtype=str),
-        "volume_modality": np.asarray(vol_rows["modality"], dtype=str),
-        "volume_cluster": np.asarray(vol_rows["cluster"], dtype=np.int64),
-        "volume_case": np.asarray(vol_rows["case"], dtype=str),
-        "meta": np.asarray(json.dumps(meta)),
-    }
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays_out)
-    model.train()
-    return arrays_out
-
 
 def _save_torch_atomic(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
@@ -542,7 +354,7 @@ def run_pretraining(
         return None
     trained = time.perf_counter() - started
 
-    export, used = _export_cases(stores)
+    export, used = export_cases(stores)
     export_arrays = CaseArrays(export, in_memory=True)
     export_embeddings(model, export_arrays, s, method, out_dir / "embeddings.npz", used, trainer.context.device)
     model = model.cpu()
