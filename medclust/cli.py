@@ -156,11 +156,13 @@ def _cmd_index(sub: Any) -> None:
             dataset, entries, args.slices_dir, args.index, args.splits,
             seed=int(args.settings.get("seed", load_schema()["properties"]["seed"]["default"])),
             splits_settings=args.settings.get("splits"),
+            source=args.settings.get("source") or args.cases,
         )
         write_provenance(args.index.parent, args.settings, [args.cases, args.index, args.splits])
 
     p = sub.add_parser("index", help="index.json + seeded case-level splits.json of a dataset's slice store")
-    p.add_argument("--settings", type=settings_arg, default={}, help='JSON: {"dataset", "seed", "splits": {...}}')
+    p.add_argument("--settings", type=settings_arg, default={},
+                   help='JSON: {"dataset", "seed", "splits": {...}, "source": the manifest, named in errors}')
     p.add_argument("--cases", type=Path, required=True, help="results/cases/DATASET.json")
     p.add_argument("--slices-dir", type=Path, required=True, help="results/slices/DATASET")
     p.add_argument("--index", type=Path, required=True, help="index.json to write")

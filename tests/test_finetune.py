@@ -350,6 +350,18 @@ def test_classification_slice_labels_run(tmp_path, chest_store):
     assert all(int(r["target_1"]) == int(int(r["slice_index"]) >= 20) for r in rows)
 
 
+def test_classification_with_one_output_class_is_scored(tmp_path, chest_store):
+    settings = {**TINY, "task": "square", "type": "classification", "dataset": "vol", "split": "slabs",
+                "target": "slice_structures", "min_pixels": 5, "label_groups": {"square": [7]}}
+    out = tmp_path / "one"
+    run_finetune(settings, chest_store, out, "none", 1.0, 0)
+    scored = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert scored["classes"] == {"0": "square"} and scored["n_rows"] > 0
+    # test slabs in both halves: slices with and without the square, so the AUC is defined
+    assert 0.0 <= scored["metrics"]["auc_square"] <= 1.0
+    assert scored["metrics"]["auc_macro"] == scored["metrics"]["auc_square"]
+
+
 def test_classification_case_labels_run(tmp_path):
     cases = []
     for i in range(10):

@@ -21,6 +21,7 @@ from medclust.evaluate.metrics import (
     match_detections,
     roc_auc_per_class,
     segmentation_scores,
+    split_by_size,
 )
 
 
@@ -83,6 +84,27 @@ def test_auc_tiny_set_and_undefined_class():
     assert math.isnan(aucs[1])  # no positive of class 1: undefined, not 0.5
 
 
+def test_auc_one_output_class():
+    # (N, 1): MONAI alone reads this as a binary problem and returns a bare float
+    aucs = roc_auc_per_class(np.array([[0.1], [0.4], [0.35], [0.8]]), np.array([[0], [0], [1], [1]]))
+    assert aucs == [pytest.approx(0.75)]
+    assert math.isnan(roc_auc_per_class(np.array([[0.1], [0.4]]), np.array([[1], [1]]))[0])
+
+
+def test_evaluate_one_class_classification_run(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({
+        "task": "lungs", "type": "classification", "init": "none", "fraction": 1.0, "seed": 0,
+        "multilabel": True, "classes": {"0": "lungs"}, "predictions": "predictions.csv", "test_cases": [],
+    }), encoding="utf-8")  # fmt: skip
+    with open(tmp_path / "predictions.csv", "w", encoding="utf-8") as f:
+        f.write("case_id,slice_index,z_mm,target_0,prob_0\n")
+        for i, (t, p) in enumerate([(0, 0.1), (0, 0.4), (1, 0.35), (1, 0.8)]):
+            f.write(f"c0,{i},{i * 4.0},{t},{p}\n")
+    metrics = evaluate_run(tmp_path)["metrics"]
+    assert metrics["auc_lungs"] == pytest.approx(0.75) and metrics["auc_macro"] == pytest.approx(0.75)
+    assert metrics["accuracy"] == pytest.approx(0.75)  # 0.35 < 0.5 is the one miss
+
+
 def test_auc_single_label_indices_one_vs_rest():
     probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
     aucs = roc_auc_per_class(probs, np.array([0, 1, 2, 0]))
@@ -105,6 +127,66 @@ def test_match_detections_hit_rule():
     assert tp.tolist() == [0.9, 0.4]
     fp, tp = match_detections(dets, nodules, min_hit_radius_mm=0.0)
     assert sorted(fp.tolist()) == [0.3, 0.4] and tp.tolist() == [0.9, 0.0]
+
+
+def test_lesions_below_min_diameter_are_neither_targets_nor_false_positives():
+    big = Nodule("a", (0, 0, 0), 10.0)
+    tiny = Nodule("a", (40, 0, 0), 2.0)  # measured, below 3 mm
+    point = Nodule("a", (0, 40, 0), 3.0, small=True)  # LIDC "< 3 mm": 3 is an upper bound
+    unknown = Nodule("a", (0, 0, 40), 0.0)  # no diameter: size unknown, stays a target
+    border = Nodule("a", (0, 0, 80), 3.0)  # exactly 3 mm, measured: a target
+    targets, irrelevant = split_by_size([big, tiny, point, unknown, border], 3.0)
+    assert targets == [big, unknown, border] and irrelevant == [tiny, point]
+    assert split_by_size([big, tiny, point], 0.0) == ([big, tiny, point], [])
+    dets = [
+        Detection("a", (1, 0, 0), 0.9),  # the big nodule: TP
+        Detection("a", (41, 0, 0), 0.8),  # the 2 mm nodule: ignored
+        Detection("a", (0, 41, 0), 0.7),  # the point-marked nodule: ignored
+        Detection("a", (90, 90, 0), 0.1),  # nothing: FP
+    ]
+    fp, tp = match_detections(dets, [big], 5.0, irrelevant=[tiny, point])
+    assert fp.tolist() == [0.1] and tp.tolist() == [0.9]
+    assert froc(fp, tp, num_scans=1)["froc_avg"] == pytest.approx(1.0)
+    # a detection that reaches a target and an irrelevant finding belongs to the target
+    fp, tp = match_detections([Detection("a", (4, 0, 0), 0.6)], [big], 5.0, irrelevant=[Nodule("a", (8, 0, 0), 1.0)])
+    assert fp.size == 0 and tp.tolist() == [0.6]
+
+
+# LIDC-IDRI-0001's nodules.tsv (resources/demo/lidc_dicom, derived from the readers' 069.xml):
+# one nodule of ~33 mm and three that every reader marked as < 3 mm.
+LIDC_0001_NODULES = [
+    {"nodule_id": 1, "case_id": "LIDC-IDRI-0001", "x_mm": -56.37, "y_mm": -86.36, "z_mm": -115.81, "diameter_mm": 32.76, "small": False},
+    {"nodule_id": 2, "case_id": "LIDC-IDRI-0001", "x_mm": 33.81, "y_mm": 54.75, "z_mm": -150.0, "diameter_mm": 3.0, "small": True},
+    {"nodule_id": 3, "case_id": "LIDC-IDRI-0001", "x_mm": -109.62, "y_mm": -50.96, "z_mm": -175.0, "diameter_mm": 3.0, "small": True},
+    {"nodule_id": 4, "case_id": "LIDC-IDRI-0001", "x_mm": -117.59, "y_mm": -19.78, "z_mm": -175.0, "diameter_mm": 3.0, "small": True},
+]
+
+
+@pytest.mark.parametrize("min_diameter", [3.0, 0.0])
+def test_evaluate_lidc_0001_froc_scores_only_nodules_of_3_mm_and_more(tmp_path, min_diameter):
+    (tmp_path / "run.json").write_text(json.dumps({
+        "task": "lidc", "type": "detection", "init": "none", "fraction": 1.0, "seed": 0, "classes": {"0": "nodule"},
+        "predictions": "detections.csv",
+        "detection": {"min_hit_radius_mm": 5.0, "min_diameter_mm": min_diameter, "fp_rates": [0.125, 0.25, 0.5, 1, 2, 4, 8]},
+        "test_cases": [{"case_id": "LIDC-IDRI-0001", "lesions": LIDC_0001_NODULES}],
+    }), encoding="utf-8")  # fmt: skip
+    with open(tmp_path / "detections.csv", "w", encoding="utf-8") as f:
+        f.write("case_id,x_mm,y_mm,z_mm,score,diameter_mm,n_slices\n")
+        for n, score in zip(LIDC_0001_NODULES, (0.9, 0.6, 0.5, 0.4)):  # the big one and every small one found
+            f.write(f"LIDC-IDRI-0001,{n['x_mm'] + 2},{n['y_mm']},{n['z_mm']},{score},8,2\n")
+        f.write("LIDC-IDRI-0001,100,100,0,0.7,8,2\n")  # one false positive
+    record = evaluate_run(tmp_path)
+    (row,) = csv.DictReader(open(tmp_path / "per_case.csv", encoding="utf-8"))
+    if min_diameter == 3.0:
+        # one target, found above the only FP; the small nodules' detections count nowhere
+        assert record["min_diameter_mm"] == 3.0 and record["metrics"]["n_lesions"] == 1
+        assert (row["n_lesions"], row["n_small_lesions"], row["n_ignored_detections"]) == ("1", "3", "3")
+        assert row["fp_scores"] == "0.7" and row["tp_scores"] == "0.9"
+        assert record["metrics"]["froc_avg"] == pytest.approx(1.0)
+    else:
+        # every reader mark a target: the small ones are found only below the FP's score
+        assert record["metrics"]["n_lesions"] == 4 and row["n_ignored_detections"] == "0"
+        assert record["metrics"]["froc_sens@0.125fp"] == pytest.approx(0.25)
 
 
 def test_froc_toy_known_sensitivities():

@@ -37,9 +37,11 @@ from medclust.evaluate.metrics import (
     Nodule,
     froc,
     macro_mean,
+    assign_detections,
     match_detections,
     roc_auc_per_class,
     segmentation_scores,
+    split_by_size,
 )
 from medclust.evaluate.statistics import CaseResampler, loop_resampler, mean_of_columns_resampler
 from medclust.io.atomic import write_csv_atomic, write_json_atomic
@@ -66,10 +68,13 @@ class EvaluationSettings:
 
     Args:
         min_hit_radius_mm: floor of the detection hit radius (used when run.json has none).
+        min_diameter_mm: lesions below this diameter are not FROC targets (used when run.json
+            has none; LUNA16's 3 mm).
         fp_rates: FP per scan at which FROC sensitivity is reported.
     """
 
     min_hit_radius_mm: float = 5.0
+    min_diameter_mm: float = 3.0
     fp_rates: tuple[float, ...] = FROC_FP_RATES
 
     @classmethod
@@ -77,6 +82,7 @@ class EvaluationSettings:
         settings = dict(settings or {})
         return cls(
             min_hit_radius_mm=float(settings.get("min_hit_radius_mm", cls.min_hit_radius_mm)),
+            min_diameter_mm=float(settings.get("min_diameter_mm", cls.min_diameter_mm)),
             fp_rates=tuple(float(r) for r in settings.get("fp_rates", FROC_FP_RATES)),
         )
 
@@ -159,6 +165,8 @@ def summarise(task_type: str, rows: Sequence[Mapping[str, Any]], info: Mapping[s
         out = froc(*_pool(scans), len(scans), fp_rates)
         out["n_lesions"] = float(sum(int(_float(r["n_lesions"])) for r in rows))
         out["n_detections"] = float(sum(int(_float(r["n_detections"])) for r in rows))
+        if rows and "n_small_lesions" in rows[0]:
+            out["n_small_lesions"] = float(sum(int(_float(r["n_small_lesions"])) for r in rows))
         return out
     raise MedclustError(f"unknown task type {task_type!r} (expected segmentation, classification or detection)")
 
@@ -263,23 +271,27 @@ def _resolve(run_dir: Path, path: str | None) -> Path | None:
 
 
 def _load_label_map(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
+    """A label map, its RAS affine and its voxel spacing, read as ingest reads it.
+
+    Ground truth goes through :func:`medclust.io.readers.load_image`, the reader ingest and
+    preprocessing use, so every label format they accept (NIfTI, NRRD, MHA/MHD, a DICOM series
+    folder) is scored on the same array order and affine it was trained from; predictions and
+    ROIs (NIfTI written on that grid) go through it too.
+    """
+    from medclust.io.readers import load_image
 
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:  # nibabel raises many types for bad files
-        raise BadInputError(path, f"cannot read {what}: {err}") from err
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
+        image = load_image(path)
+    except BadInputError as err:
+        raise BadInputError(path, f"cannot read {what}: {err.reason}") from err
+    data = np.asarray(image.array)
     if data.ndim not in (2, 3):
         raise BadInputError(path, f"{what} must be 2D or 3D, got shape {data.shape}")
-    spacing = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
     if not np.issubdtype(data.dtype, np.integer) and (
         not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data))
     ):
         raise BadInputError(path, f"{what} must hold integer labels")
-    return data.astype(np.int32), np.asarray(img.affine, dtype=np.float64), spacing
+    return data.astype(np.int32), np.asarray(image.affine, dtype=np.float64), tuple(image.spacing)
 
 
 def _apply_label_map(raw: np.ndarray, label_map: Mapping[str, int] | None) -> np.ndarray:
@@ -357,9 +369,10 @@ def _classification_rows(run_dir: Path, run: Mapping[str, Any], keys: Mapping[st
 
 def _detection_rows(
     run_dir: Path, run: Mapping[str, Any], settings: EvaluationSettings
-) -> tuple[list[dict[str, Any]], tuple[float, ...]]:
+) -> tuple[list[dict[str, Any]], tuple[float, ...], float]:
     block = run.get("detection", {}) or {}
     radius = float(block.get("min_hit_radius_mm", settings.min_hit_radius_mm))
+    min_diameter = float(block.get("min_diameter_mm", settings.min_diameter_mm))
     fp_rates = tuple(float(r) for r in block.get("fp_rates", settings.fp_rates))
     path = run_dir / run.get("predictions", "detections.csv")
     detections: dict[str, list[Detection]] = {}
@@ -373,16 +386,26 @@ def _detection_rows(
     for case in run.get("test_cases", []):
         case_id = str(case["case_id"])
         lesions = [
-            Nodule(case_id, (float(l["x_mm"]), float(l["y_mm"]), float(l["z_mm"])), float(l.get("diameter_mm", 0.0)))
+            Nodule(
+                case_id,
+                (float(l["x_mm"]), float(l["y_mm"]), float(l["z_mm"])),
+                float(l.get("diameter_mm") or 0.0),
+                str(l.get("small", "")).strip().lower() in ("true", "1", "yes"),
+            )
             for l in case.get("lesions", [])
         ]
+        targets, irrelevant = split_by_size(lesions, min_diameter)
         dets = detections.get(case_id, [])
-        fp, tp = match_detections(dets, lesions, radius)
+        fp, tp = match_detections(dets, targets, radius, irrelevant=irrelevant)
         rows.append(
             {
                 "case_id": case_id,
-                "n_lesions": len(lesions),
+                "n_lesions": len(targets),
+                "n_small_lesions": len(irrelevant),
                 "n_detections": len(dets),
+                "n_ignored_detections": int(
+                    ((assign_detections(dets, targets, radius) < 0) & (assign_detections(dets, irrelevant, radius) >= 0)).sum()
+                ),
                 "n_hits": int((tp > 0).sum()),
                 "fp_scores": ";".join(f"{s:.6g}" for s in fp),
                 "tp_scores": ";".join(f"{s:.6g}" for s in tp),
@@ -391,7 +414,7 @@ def _detection_rows(
     unknown = set(detections) - {str(c["case_id"]) for c in run.get("test_cases", [])}
     if unknown:
         raise BadInputError(path, f"detections for cases not in run.json test_cases: {sorted(unknown)[:5]}")
-    return rows, fp_rates
+    return rows, fp_rates, min_diameter
 
 
 def _format(value: Any) -> Any:
@@ -452,8 +475,9 @@ def evaluate_run(run_dir: str | Path, settings: Mapping[str, Any] | None = None)
     elif task_type == "classification":
         rows = _classification_rows(run_dir, run, keys)
     else:
-        rows, fp_rates = _detection_rows(run_dir, run, opts)
+        rows, fp_rates, min_diameter = _detection_rows(run_dir, run, opts)
         info["fp_rates"] = list(fp_rates)
+        info["min_diameter_mm"] = min_diameter
     metrics = summarise(task_type, rows, info)
     record = {
         "format_version": 1,
@@ -473,6 +497,7 @@ def evaluate_run(run_dir: str | Path, settings: Mapping[str, Any] | None = None)
         "class_keys": keys,
         "multilabel": info["multilabel"],
         **({"fp_rates": info["fp_rates"]} if "fp_rates" in info else {}),
+        **({"min_diameter_mm": info["min_diameter_mm"]} if "min_diameter_mm" in info else {}),
         "n_cases": len({str(r["case_id"]) for r in rows}),
         "n_rows": len(rows),
         "metrics": {k: _json_safe(v) for k, v in metrics.items()},

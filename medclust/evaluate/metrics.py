@@ -27,7 +27,11 @@ Conventions (shared by ``medclust evaluate`` and the study; the README quotes th
   several nodules goes to the nearest centre. Per nodule, the highest-scoring hit is its true
   positive; further hits on a found nodule are neither TP nor FP (the CAMELYON/LUNA convention
   that ``monai.metrics.froc.compute_fp_tp_probs_nd`` implements); detections that hit nothing are
-  false positives. The curve and the average sensitivity come from MONAI's
+  false positives. Lesions smaller than ``min_diameter_mm`` (default 3 mm, as LUNA16) are
+  *irrelevant findings*: they are not targets (not in the sensitivity's denominator), and a
+  detection that hits no target but hits one of them is neither a TP nor an FP. A lesion flagged
+  ``small`` (the LIDC "< 3 mm" category) is below its ``diameter_mm``, which is then an upper
+  bound; a lesion without a diameter (0) has an unknown size and stays a target. The curve and the average sensitivity come from MONAI's
   ``compute_froc_curve_data`` / ``compute_froc_score`` at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP per scan.
   Scores are replaced by their dense rank (1..K) first: FROC depends only on the order of the
   scores, and MONAI's curve skips the lowest distinct score as a threshold, which is 0 only
@@ -163,11 +167,16 @@ def roc_auc_per_class(probs: np.ndarray, targets: np.ndarray) -> list[float]:
         targets = onehot
     if targets.shape != probs.shape:
         raise ValueError(f"targets shape {targets.shape} differs from probs shape {probs.shape}")
+    targets = targets.astype(np.float64)
     with warnings.catch_warnings():
         # A class without both positives and negatives is expected in small test sets: NaN.
         warnings.simplefilter("ignore", UserWarning)
-        values = compute_roc_auc(torch.from_numpy(probs), torch.from_numpy(targets.astype(np.float64)), average="none")
-    return [float(v) for v in values]
+        # One column at a time: MONAI reads a (N, 1) input as a binary problem and returns one
+        # float instead of a per-class list, so a one-class task must not take the (N, C) path.
+        return [
+            float(compute_roc_auc(torch.from_numpy(probs[:, c]), torch.from_numpy(targets[:, c])))
+            for c in range(probs.shape[1])
+        ]
 
 
 def macro_mean(values: Sequence[float]) -> float:
@@ -181,11 +190,38 @@ def macro_mean(values: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class Nodule:
-    """A ground-truth lesion: centre in world mm and diameter in mm."""
+    """A ground-truth lesion: centre in world mm and diameter in mm.
+
+    ``small`` marks a lesion known to be smaller than ``diameter_mm`` (an upper bound, as for
+    LIDC's "< 3 mm" nodules, which readers mark with a point).
+    """
 
     case_id: str
     center_mm: tuple[float, float, float]
     diameter_mm: float
+    small: bool = False
+
+
+def below_min_diameter(nodule: Nodule, min_diameter_mm: float) -> bool:
+    """Whether a lesion is below the FROC size threshold (an irrelevant finding, not a target).
+
+    Args:
+        nodule: the lesion; a diameter of 0 means unknown (kept as a target).
+        min_diameter_mm: smallest diameter that is a target (0 keeps every lesion).
+
+    Returns:
+        True when the lesion is certainly smaller than ``min_diameter_mm``.
+    """
+    if nodule.small:
+        return nodule.diameter_mm <= min_diameter_mm
+    return 0.0 < nodule.diameter_mm < min_diameter_mm
+
+
+def split_by_size(nodules: Sequence[Nodule], min_diameter_mm: float) -> tuple[list[Nodule], list[Nodule]]:
+    """``(targets, irrelevant)``: the lesions FROC scores and those below ``min_diameter_mm``."""
+    targets = [n for n in nodules if not below_min_diameter(n, min_diameter_mm)]
+    irrelevant = [n for n in nodules if below_min_diameter(n, min_diameter_mm)]
+    return targets, irrelevant
 
 
 @dataclass(frozen=True)
@@ -221,18 +257,23 @@ def assign_detections(
 
 
 def match_detections(
-    detections: Sequence[Detection], nodules: Sequence[Nodule], min_hit_radius_mm: float = 5.0
+    detections: Sequence[Detection],
+    nodules: Sequence[Nodule],
+    min_hit_radius_mm: float = 5.0,
+    irrelevant: Sequence[Nodule] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split one scan's detections into FP scores and per-nodule TP scores.
 
     Args:
         detections: the scan's detections.
-        nodules: the scan's ground-truth nodules.
+        nodules: the scan's target nodules (see :func:`split_by_size`).
         min_hit_radius_mm: the hit radius is ``max(diameter / 2, min_hit_radius_mm)``.
+        irrelevant: lesions that are not targets (below the size threshold): a detection that
+            hits no target but hits one of these is dropped, neither TP nor FP (LUNA16).
 
     Returns:
-        ``(fp_scores, tp_scores)``: scores of the detections that hit no nodule, and one score per
-        nodule (its best hit, 0 if missed) — the arrays MONAI's FROC functions take.
+        ``(fp_scores, tp_scores)``: scores of the detections that hit nothing, and one score per
+        target nodule (its best hit, 0 if missed) — the arrays MONAI's FROC functions take.
     """
     scores = np.array([d.score for d in detections], dtype=np.float64)
     hit = assign_detections(detections, nodules, min_hit_radius_mm)
@@ -241,7 +282,9 @@ def match_detections(
         mine = scores[hit == j]
         if mine.size:
             tp[j] = mine.max()
-    return scores[hit < 0], tp
+    # targets first: a detection within reach of a target and an irrelevant finding is the target's
+    ignored = assign_detections(detections, irrelevant, min_hit_radius_mm) >= 0
+    return scores[(hit < 0) & ~ignored], tp
 
 
 def froc(

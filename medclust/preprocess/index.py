@@ -7,7 +7,9 @@
 
 - a manifest ``split`` column wins for its rows;
 - cases of one ``group`` (a manifest column: patient, or the CT a radiograph was simulated
-  from) always share a split, so views of one subject never straddle train and test;
+  from) always share a split, so views of one subject never straddle train and test; rows of
+  a group without a fixed split follow the group's fixed one, and two different fixed splits
+  within one group are an error (naming the group and the manifest);
 - the other groups are shuffled with ``numpy.random.default_rng(seed)`` and cut by
   ``val_fraction``/``test_fraction`` (rounded; at least one each when the fraction is above 0);
 - with fewer than 3 free groups everything free goes to train: one or two cases cannot make a
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ def make_splits(
     seed: int,
     val_fraction: float,
     test_fraction: float,
+    source: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Seeded case-level train/val/test split (see the module docstring for the rules).
 
@@ -103,12 +105,15 @@ def make_splits(
         seed: the config ``seed``.
         val_fraction: share of free groups for validation.
         test_fraction: share of free groups for testing.
+        source: the file the fixed splits come from (the manifest), named in errors.
 
     Returns:
         ``{"dataset", "seed", "train", "val", "test"}`` with sorted case ids.
 
     Raises:
         MedclustError: fractions that leave nothing for training.
+        BadInputError: one group's cases carry different fixed splits (one patient would be in
+            two splits).
     """
     if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise MedclustError(f"splits: val_fraction + test_fraction must be < 1 (got {val_fraction} + {test_fraction})")
@@ -118,11 +123,17 @@ def make_splits(
     assignment: dict[str, str] = {}
     free: list[str] = []
     for key, members in groups.items():
-        fixed = [c.split for c in members if c.split]
+        fixed = {c.split for c in members if c.split}
+        if len(fixed) > 1:
+            which = ", ".join(f"{c.case_id}={c.split}" for c in members if c.split)
+            raise BadInputError(
+                source or dataset,
+                f"group {key!r} has cases with different fixed splits ({which}); cases of one group must share a split",
+            )
         if fixed:
-            group_split = Counter(fixed).most_common(1)[0][0]
+            (group_split,) = fixed
             for c in members:
-                assignment[c.case_id] = c.split or group_split
+                assignment[c.case_id] = group_split
         else:
             free.append(key)
     free.sort()
@@ -157,6 +168,7 @@ def write_index_and_splits(
     splits_path: str | os.PathLike[str],
     seed: int,
     splits_settings: Mapping[str, Any] | None = None,
+    source: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write ``index.json`` and ``splits.json`` of a dataset (atomically).
 
@@ -169,6 +181,7 @@ def write_index_and_splits(
         seed: the config ``seed``.
         splits_settings: the config ``splits`` block (``val_fraction``, ``test_fraction``);
             missing keys take the schema defaults.
+        source: the file fixed splits come from (the manifest), named in errors.
 
     Returns:
         The index and the splits.
@@ -178,7 +191,9 @@ def write_index_and_splits(
     defaults = {k: v.get("default") for k, v in load_schema()["properties"]["splits"]["properties"].items()}
     settings = {**defaults, **dict(splits_settings or {})}
     index = build_index(dataset, [c.case_id for c in cases], slices_dir)
-    splits = make_splits(dataset, cases, seed, float(settings["val_fraction"]), float(settings["test_fraction"]))
+    splits = make_splits(
+        dataset, cases, seed, float(settings["val_fraction"]), float(settings["test_fraction"]), source=source
+    )
     write_json_atomic(index_path, index)
     write_json_atomic(splits_path, splits)
     log.info(

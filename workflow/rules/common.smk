@@ -313,8 +313,10 @@ def preprocess_inputs(wildcards):
 
 
 def index_settings(dataset):
-    """What `medclust index` needs: the dataset name, the seed and the `splits` block."""
-    return {"dataset": dataset, "seed": config["seed"], "splits": config["splits"]}
+    """What `medclust index` needs: the dataset name, the seed, the `splits` block and the
+    dataset's path (a manifest: named when its fixed splits split a group)."""
+    entry = config["datasets"].get(dataset) or {}
+    return {"dataset": dataset, "seed": config["seed"], "splits": config["splits"], "source": entry.get("path")}
 
 
 # --- ingest and preprocessing helpers (end) ----------------------------------------------------

@@ -968,6 +968,8 @@ def _write_detection(model: nn.Module, data: TaskData, out: Path, s: Mapping[str
         "lesion_table": str(s.get("lesion_table")),
         "hit_rule": "distance",
         "min_hit_radius_mm": float(s.get("min_hit_radius_mm", 5.0)),
+        # lesions below this size are irrelevant findings at scoring (LUNA16), see evaluate.metrics
+        "min_diameter_mm": float(s.get("min_diameter_mm", 3.0)),
         "fp_rates": [float(v) for v in s.get("fp_rates", [0.125, 0.25, 0.5, 1, 2, 4, 8])],
         "n_scans": len(test_ids),
     }
