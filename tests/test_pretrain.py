@@ -119,23 +119,33 @@ class _KillAt(PretrainTask):
         return super().training_step(model, batch, step)
 
 
-@pytest.mark.parametrize("method, extra", [("joint", {"queue_length": 16, "queue_length_3d": 4}), ("deepcluster2d", {})])
-def test_interrupted_and_resumed_run_equals_uninterrupted(stores: dict[str, Path], tmp_path: Path, method: str, extra: dict) -> None:
-    settings = resolve_settings(tiny_settings(steps=8, batch_size_2d=7, **extra))  # 39 items: 5 steps per epoch
+# default augmentation (random affine included); 39 items / batch 7: 5 steps per epoch, so step 3
+# is mid-epoch and step 5 the epoch boundary, where k-means must run on the restored bank
+@pytest.mark.parametrize(
+    "method, kill_at, extra",
+    [
+        ("joint", 2, {"queue_length": 16, "queue_length_3d": 4}),
+        ("joint", 2, {"num_workers": 2}),
+        ("deepcluster2d", 4, {}),
+    ],
+)
+def test_interrupted_and_resumed_run_equals_uninterrupted(stores: dict[str, Path], tmp_path: Path, method: str, kill_at: int, extra: dict) -> None:
+    settings = resolve_settings(tiny_settings(steps=6, batch_size_2d=7, augment={}, **extra))
+    assert settings["augment"]["affine_prob"] > 0
     cases = collect_cases(stores)
     reference = _trainer(tmp_path, settings, "ref").fit(PretrainTask(method, settings, cases))
 
     task = _KillAt(method, settings, cases)
-    task.kill_at = 4  # the checkpoint lands on the epoch boundary: k-means must run on the restored bank
+    task.kill_at = kill_at
     with pytest.raises(TrainingInterrupted) as info:
         _trainer(tmp_path, settings).fit(task)
-    assert info.value.step == 5 and info.value.exit_code == 143
-    torch.manual_seed(1234)  # a new process would not share the old RNG state
+    assert info.value.step == kill_at + 1 and info.value.exit_code == 143
+    torch.manual_seed(1234), np.random.seed(1234)  # a new process would not share the old RNG state
     resumed_trainer = _trainer(tmp_path, settings)
     resumed = resumed_trainer.fit(PretrainTask(method, settings, cases))
-    assert resumed_trainer.start_step == 5
+    assert resumed_trainer.start_step == kill_at + 1
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-6), name
+        assert torch.equal(a, b), name  # bit for bit
 
 
 def test_outputs_and_encoder_loads_into_flexible_unet(stores: dict[str, Path], tmp_path: Path) -> None:

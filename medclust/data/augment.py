@@ -35,7 +35,7 @@ from monai.transforms import (
 
 from medclust.errors import MedclustError
 
-__all__ = ["AugmentSettings", "drop_slices", "seed_transform_", "select_view_slices", "view_transform"]
+__all__ = ["AugmentSettings", "UnitRangeCompose", "drop_slices", "seed_transform_", "select_view_slices", "view_transform"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class AugmentSettings:
         contrast_prob: probability of a random gamma (contrast) change.
         gamma: gamma range.
         noise_prob: probability of additive Gaussian noise.
-        noise_std: max noise standard deviation (images are in [0, 1]).
+        noise_std: max noise standard deviation, as a fraction of the view's intensity range.
         z_crop: range of the fraction of a volume's slices a volume sample covers (one z window
             per sample, shared by its two views so that their slices pair up as 2D items).
         slice_drop: probability that a view drops each slice of the window (independently per
@@ -95,12 +95,29 @@ class AugmentSettings:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
 
 
+class UnitRangeCompose(Compose):
+    """A ``Compose`` that runs on its input mapped to [0, 1] by the input's own min and max and
+    maps the result back.
+
+    The view pipeline's constants assume a [0, 1] image whose minimum is the background: zero
+    padding of rotations, intensity scaling about 0, noise std as a fraction of the range. A CT
+    normalised like nnU-Net (z-scores, air near -1.5) would otherwise get soft-tissue-grey
+    padding and relatively 5x weaker noise; a [0, 1] store whose view spans [0, 1] is unchanged.
+    """
+
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        lo = input_.min()
+        span = (input_.max() - lo).clamp_min(1e-6) if isinstance(input_, torch.Tensor) else max(input_.max() - lo, 1e-6)
+        return super().__call__((input_ - lo) / span, *args, **kwargs) * span + lo
+
+
 def view_transform(size: Sequence[int], settings: AugmentSettings) -> Compose:
-    """The random view pipeline for channel-first ``(C, H, W)`` images in [0, 1].
+    """The random view pipeline for channel-first ``(C, H, W)`` images.
 
     Random-resized crop (``RandScaleCrop`` + ``Resize``), left-right flip, rotation/zoom
     (``RandAffine``), intensity scaling, gamma, Gaussian noise. Spatial transforms act on all
-    channels alike.
+    channels alike. It runs in the view's own [0, 1] range (:class:`UnitRangeCompose`), so a
+    z-scored CT is augmented like a [0, 1] one.
 
     Args:
         size: output ``(H, W)``.
@@ -110,7 +127,7 @@ def view_transform(size: Sequence[int], settings: AugmentSettings) -> Compose:
         A MONAI ``Compose`` (seed it per view with :func:`seed_transform_`).
     """
     s = settings
-    return Compose(
+    return UnitRangeCompose(
         [
             RandScaleCrop(roi_scale=s.crop_scale[0], max_roi_scale=s.crop_scale[1], random_size=True),
             Resize(spatial_size=tuple(int(v) for v in size), mode="bilinear", anti_aliasing=False),
@@ -133,9 +150,13 @@ def view_transform(size: Sequence[int], settings: AugmentSettings) -> Compose:
 def seed_transform_(transform: Compose, seed: int) -> np.random.RandomState:
     """Give every randomizable transform in ``transform`` one fresh generator seeded by ``seed``.
 
-    ``Compose.set_random_state`` builds one ``RandomState`` per sub-transform (about 1 ms
-    each); sharing a single one keeps per-view seeding cheap while the draws stay a fixed
-    function of ``seed``.
+    Each transform gets it through its own ``set_random_state``, which also reaches the
+    generators it keeps inside (``RandAffine`` draws its rotation and zoom from a nested
+    ``RandAffineGrid``; setting ``t.R`` alone left those on MONAI's shared class-level
+    generator, so views depended on worker scheduling and every worker replayed one sequence).
+    ``Compose.set_random_state(seed)`` would build one ``RandomState`` per sub-transform (about
+    2.5 ms a view, a third of the transform itself); one shared generator keeps per-view seeding
+    cheap while the draws stay a fixed function of ``seed``.
 
     Returns:
         The generator (also usable for the caller's own draws).
@@ -144,9 +165,12 @@ def seed_transform_(transform: Compose, seed: int) -> np.random.RandomState:
     stack: list[Any] = [transform]
     while stack:
         t = stack.pop()
-        if isinstance(t, Randomizable):
-            t.R = rng
-        stack.extend(getattr(t, "transforms", ()))
+        if isinstance(t, Compose):
+            # Compose's own set_random_state would re-seed its children with new generators
+            Randomizable.set_random_state(t, state=rng)
+            stack.extend(t.transforms)
+        elif isinstance(t, Randomizable):
+            t.set_random_state(state=rng)
     return rng
 
 
