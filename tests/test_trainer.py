@@ -155,6 +155,53 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) ->
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+class _NaNGradTask(ToyTask):
+    """Finite loss, infinite gradient from step ``bad_at`` on (d sqrt(x)/dx at x = 0)."""
+
+    bad_at = 4
+
+    def training_step(self, model: nn.Module, batch, step: int):
+        out = super().training_step(model, batch, step)
+        if step >= self.bad_at:
+            out["loss"] = out["loss"] + torch.sqrt(0.0 * next(model.parameters()).sum())
+        return out
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_non_finite_gradient_stops_with_or_without_clipping(tmp_path: Path, grad_clip: float | None) -> None:
+    trainer = Trainer(_cfg(grad_clip=grad_clip, checkpoint_every=3), tmp_path / "o", tmp_path / "c")
+    with pytest.raises(MedclustError, match=r"non-finite gradient norm at step 4 .*step_00000003"):
+        trainer.fit(_NaNGradTask())
+    state = load_weights(CheckpointStore(tmp_path / "c").latest() / "trainer.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+class _HookTask(ToyTask):
+    """Records what ``before_optimizer_step`` sees: the final (reduced, clipped) gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, float, bool]] = []
+
+    def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+        self.seen.append((step, norm, isinstance(optimizer, torch.optim.AdamW)))
+        first = next(model.parameters())
+        if step % 2:
+            first.grad = None  # odd steps: this parameter is skipped, as frozen prototypes are
+
+
+def test_before_optimizer_step_hook_sees_clipped_gradients_and_can_drop_them(tmp_path: Path) -> None:
+    task = _HookTask()
+    trainer = Trainer(_cfg(max_steps=6, grad_clip=1e-3), tmp_path / "o", tmp_path / "c")
+    trainer.fit(task)
+    assert [s for s, _, _ in task.seen] == list(range(6)) and all(adamw for _, _, adamw in task.seen)
+    assert max(norm for _, norm, _ in task.seen) <= 1e-3 * (1 + 1e-4)  # after clipping
+    # the parameter whose gradient the hook dropped took only the 3 even steps (AdamW counts them)
+    state = load_weights(CheckpointStore(tmp_path / "c").latest() / "trainer.pt")["optimizer"]["state"]
+    assert int(state[0]["step"]) == 3 and int(state[1]["step"]) == 6
+
+
 def test_zero_steps_builds_seeded_model(tmp_path: Path) -> None:
     a = Trainer(_cfg(max_steps=0), tmp_path / "a", tmp_path / "a" / "c").fit(ToyTask())
     b = Trainer(_cfg(max_steps=0), tmp_path / "b", tmp_path / "b" / "c").fit(ToyTask())

@@ -155,6 +155,9 @@ class TrainTask(Protocol):
     - ``setup(context: DistContext)`` — called first, with rank/world size/device;
     - ``param_groups(model) -> list[dict]`` — optimiser groups (default: decay / no-decay);
     - ``on_epoch_start(model, epoch)`` — e.g. k-means of a memory bank (all ranks call it);
+    - ``before_optimizer_step(model, optimizer, step)`` — after the gradients are reduced across ranks,
+      clipped and checked: e.g. drop frozen parameters' gradients (``grad = None``: the optimiser
+      skips them, moments and step count untouched) or reset optimiser state;
     - ``after_optimizer_step(model, step)`` — e.g. re-normalise prototypes;
     - ``state_dict() -> dict`` / ``load_state_dict(state)`` — per-rank extra state (queues,
       memory banks) saved in checkpoints; tensors and plain types only;
@@ -428,8 +431,12 @@ class Trainer:
                         all_reduce_gradients(params, ctx)
                         if cfg.grad_clip is not None:
                             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                            if not torch.isfinite(norm):
-                                self._non_finite("gradient norm", {"grad_norm": float(norm)})
+                        else:  # unclipped, a NaN/inf gradient must still stop the run before it reaches the weights
+                            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                        if not torch.isfinite(norm):
+                            self._non_finite("gradient norm", {"grad_norm": float(norm)})
+                        if hasattr(task, "before_optimizer_step"):
+                            task.before_optimizer_step(model, optimizer, self.step)
                         optimizer.step()
                         scheduler.step()
                         if hasattr(task, "after_optimizer_step"):
