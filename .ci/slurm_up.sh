@@ -3,9 +3,12 @@
 # `sacct` works, and one fake GPU so that `--gpus=1` jobs schedule). Called by .ci/run before
 # pytest; safe to run by hand and to run twice (start_slurm.sh is idempotent, ~1 s when up).
 #
-#   bash .ci/slurm_up.sh            # never fails: if the cluster cannot start it says why and
+#   bash .ci/slurm_up.sh            # by hand: if the cluster cannot start it says why and
 #                                   # exits 0, and the `slurm` tests skip with that reason
-#   SLURM_UP_STRICT=1 bash .ci/slurm_up.sh   # exit 1 instead
+#   SLURM_UP_STRICT=1 bash .ci/slurm_up.sh   # exit 1 instead (what .ci/run does)
+#
+# Strict is also the default when CI is set (CI=true/1/yes): in CI a cluster that does not start
+# is a failure, never a silent skip (tests/test_slurm.py fails rather than skips under CI too).
 #
 # The start script is shared/tools/slurm/start_slurm.sh; shared/ lies beside the clone in CI
 # (override with MEDCLUST_SLURM_START=/path/to/start_slurm.sh). It needs root: run directly as
@@ -13,10 +16,15 @@
 set -uo pipefail
 
 log() { printf '[slurm_up] %s\n' "$*"; }
+case "${CI:-}" in true|TRUE|True|1|yes) strict_default=1 ;; *) strict_default=0 ;; esac
+strict=${SLURM_UP_STRICT:-$strict_default}
 give_up() {
   log "SLURM cluster NOT started: $*"
+  if [ "$strict" = 1 ]; then
+    log "strict mode (CI or SLURM_UP_STRICT=1): failing"
+    exit 1
+  fi
   log "tests marked 'slurm' will be skipped"
-  if [ "${SLURM_UP_STRICT:-0}" = 1 ]; then exit 1; fi
   exit 0
 }
 

@@ -2,7 +2,8 @@
 
 Needs a running cluster with accounting (`bash .ci/slurm_up.sh` starts a single-node one with
 slurmdbd, account `testacct`, partition `debug` and one fake GPU); skips with the reason when
-there is none. What it checks:
+there is none, except under CI (``CI=true``, as .ci/run sets), where a missing cluster fails the
+test: CI must never go green without having run it. What it checks:
 - every non-local job went through sbatch: each is in `sacct` under the run's job name (the
   plugin names every job of a run after its run id) with the account and partition given on
   the command line, GPU jobs with a GPU allocated;
@@ -65,11 +66,19 @@ def _cluster_problem() -> str | None:
 
 
 _PROBLEM = _cluster_problem()
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.slow,
-    pytest.mark.skipif(_PROBLEM is not None, reason=f"no SLURM cluster: {_PROBLEM}"),
+    pytest.mark.skipif(_PROBLEM is not None and not IN_CI, reason=f"no SLURM cluster: {_PROBLEM}"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _cluster_is_up() -> None:
+    """Under CI a missing cluster is a failure, not a skip (outside CI the mark above skips)."""
+    if _PROBLEM is not None:
+        pytest.fail(f"CI is set but the SLURM test cannot run: {_PROBLEM} (.ci/run starts the cluster)", pytrace=False)
 
 
 def ci_profile(folder: Path) -> Path:
