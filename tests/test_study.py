@@ -13,31 +13,16 @@ from medclust.cli import main
 from medclust.errors import MedclustError
 from medclust.evaluate.evaluate_run import write_per_case
 from medclust.evaluate.statistics import (
+    HELPS,
+    INCONCLUSIVE,
     Unit,
-    bootstrap_ci,
     cell_rng,
     mean_of_columns_resampler,
     paired_difference,
     summarise_cell,
+    t_interval,
 )
-from medclust.evaluate.study import read_study_table, run_study
-
-
-def test_bootstrap_ci_constant_is_zero_width():
-    assert bootstrap_ci([0.7, 0.7, 0.7, 0.7], n_samples=500) == pytest.approx((0.7, 0.7))
-
-
-def test_bootstrap_ci_normal_sample_covers_mean():
-    x = np.random.default_rng(1).normal(10.0, 2.0, size=400)
-    low, high = bootstrap_ci(x, n_samples=2000, level=0.95, seed=3)
-    assert low < 10.0 < high
-    # Normal-theory half-width 1.96 * 2 / sqrt(400) = 0.196.
-    assert (high - low) / 2 == pytest.approx(0.196, rel=0.2)
-    assert bootstrap_ci(x, n_samples=2000, seed=3) == (low, high)  # seeded
-
-
-def test_bootstrap_ci_needs_two_values():
-    assert all(math.isnan(v) for v in bootstrap_ci([1.0]))
+from medclust.evaluate.study import RunResult, read_study_table, run_resampler, run_study
 
 
 def _units(per_seed_cases: dict[int, np.ndarray]) -> list[Unit]:
@@ -48,20 +33,22 @@ def _units(per_seed_cases: dict[int, np.ndarray]) -> list[Unit]:
     return out
 
 
-def test_cell_constant_values_zero_width_and_case_level_ci():
+def test_cell_constant_values_zero_width_and_what_one_seed_supports():
     rng = cell_rng(0, "x")
     const = _units({0: np.full(5, 0.8), 1: np.full(5, 0.8), 2: np.full(5, 0.8)})
     cell = summarise_cell(const, 300, 0.95, rng)
     assert (cell.n, cell.n_cases, cell.mean, cell.std) == (3, 5, pytest.approx(0.8), pytest.approx(0.0))
     assert (cell.ci_low, cell.ci_high) == pytest.approx((0.8, 0.8))
-    # One seed, varying cases: the CI comes from resampling cases and covers the mean.
+    assert cell.ci_method.startswith("two-level bootstrap (3 seeds, 5 cases")
+    # One seed, many cases: the test set is resampled, but training variability is unknown.
     one = _units({0: np.random.default_rng(2).normal(0.6, 0.1, 50)})
     cell = summarise_cell(one, 1000, 0.95, rng)
-    assert cell.n == 1 and math.isnan(cell.std)
-    assert cell.ci_low < cell.mean < cell.ci_high and cell.ci_high - cell.ci_low < 0.1
+    assert cell.n == 1 and math.isnan(cell.std) and math.isnan(cell.ci_low) and math.isnan(cell.ci_high)
+    assert cell.ci_method == "none: 1 seed: training variability not estimable"
     # One seed, one test case: nothing to resample, no interval (not a zero-width one).
     cell = summarise_cell(_units({0: np.array([0.5])}), 100, 0.95, rng)
     assert cell.mean == 0.5 and cell.n_cases == 1 and math.isnan(cell.ci_low) and math.isnan(cell.ci_high)
+    assert cell.ci_method == "none: 1 seed < 3 and 1 test case < 5"
 
 
 def test_paired_difference_of_shifted_copy_is_the_shift():
@@ -70,12 +57,12 @@ def test_paired_difference_of_shifted_copy_is_the_shift():
     reference = _units(base)
     shifted = _units({s: v + 0.125 for s, v in base.items()})
     out = paired_difference(shifted, reference, 500, 0.95, cell_rng(0, "pair"))
-    assert out.n_pairs == 4
+    assert out.n_pairs == 4 and out.n_cases == 8
     assert out.diff == pytest.approx(0.125)
     assert (out.ci_low, out.ci_high) == pytest.approx((0.125, 0.125))
     # Unpaired seeds are dropped.
     out = paired_difference(shifted[:2], reference[1:], 200, 0.95, cell_rng(0, "pair"))
-    assert out.n_pairs == 1
+    assert out.n_pairs == 1 and math.isnan(out.ci_low)
 
 
 # --- the study table from metrics.json files --------------------------------------------------
@@ -106,19 +93,29 @@ def _write_run(root: Path, init: str, fraction: float, seed: int, dice_cases: li
     return run / "metrics.json"
 
 
-@pytest.fixture()
-def study_runs(tmp_path: Path) -> list[Path]:
+def _study(root: Path, seeds: int, cases: int) -> list[Path]:
+    """none and joint (= none + 0.1 on every case) at two fractions; seeds differ, cases differ."""
     rng = np.random.default_rng(0)
     files = []
     for fraction in (0.25, 1.0):
-        for seed in range(3):
-            cases = rng.uniform(0.4, 0.8, size=(4, 2))
-            files.append(_write_run(tmp_path, "none", fraction, seed, cases.tolist()))
-            files.append(_write_run(tmp_path, "joint", fraction, seed, (cases + 0.1).tolist(), simulated=fraction == 1.0))
+        for seed in range(seeds):
+            values = rng.uniform(0.4, 0.8, size=(cases, 2))
+            files.append(_write_run(root, "none", fraction, seed, values.tolist()))
+            files.append(_write_run(root, "joint", fraction, seed, (values + 0.1).tolist(), simulated=fraction == 1.0))
     return files
 
 
-def test_study_table_means_cis_and_paired_differences(tmp_path, study_runs):
+@pytest.fixture()
+def study_runs(tmp_path: Path) -> list[Path]:
+    return _study(tmp_path, seeds=3, cases=4)
+
+
+def _dice(files: list[Path], init: str, fraction: float) -> list[float]:
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in files]
+    return [r["metrics"]["dice_mean"] for r in records if r["init"] == init and r["fraction"] == fraction]
+
+
+def test_study_table_means_intervals_paired_differences_and_verdicts(tmp_path, study_runs):
     out = tmp_path / "study" / "organs.csv"
     settings = {"bootstrap_samples": 400, "ci_level": 0.9, "seed": 7}
     assert main(["study", "--task", "organs", "--runs", *map(str, study_runs), "--out", str(out),
@@ -129,27 +126,57 @@ def test_study_table_means_cis_and_paired_differences(tmp_path, study_runs):
     assert {r["metric"] for r in primary} == {"dice_mean"}
     assert [(r["init"], r["fraction"]) for r in primary] == [("none", 0.25), ("none", 1.0), ("joint", 0.25), ("joint", 1.0)]
     for r in primary:
-        values = [json.loads((p).read_text(encoding="utf-8"))["metrics"]["dice_mean"] for p in study_runs
-                  if f"/{r['init']}/{r['fraction']:g}/" in str(p)]  # fmt: skip
+        values = _dice(study_runs, r["init"], r["fraction"])
         assert r["n_seeds"] == 3 and r["n_cases"] == 4
         assert r["mean"] == pytest.approx(np.mean(values), abs=1e-6)
         assert r["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-6)
-        assert r["ci_low"] <= r["mean"] <= r["ci_high"]
+        # 4 test cases < 5: the seed is the unit, a t interval over the three run values
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(t_interval(values, 0.9), abs=1e-6)
+        assert r["ci_low"] < r["mean"] < r["ci_high"]
+        assert r["ci_method"] == "student-t over 3 seeds (4 test cases < 5)" and r["ci_undefined"] == 0
         assert r["ci_level"] == 0.9 and r["bootstrap"] == 400
         if r["init"] == "joint":
-            # Every case shifted by +0.1: the paired difference and its CI are exactly the shift.
+            # Every case shifted by +0.1: every per-seed difference is the shift, so is the interval.
             assert r["n_pairs"] == 3
             assert r["diff_vs_ref"] == pytest.approx(0.1, abs=1e-6)
             assert (r["diff_ci_low"], r["diff_ci_high"]) == pytest.approx((0.1, 0.1), abs=1e-6)
+            assert r["diff_ci_method"] == "student-t over 3 paired seeds (4 test cases < 5)"
+            assert r["verdict"] == HELPS
             assert r["simulated"] is (r["fraction"] == 1.0)
         else:
-            assert math.isnan(r["diff_vs_ref"])
+            assert math.isnan(r["diff_vs_ref"]) and r["verdict"] == "" and r["diff_ci_method"] == ""
     hd = [r for r in rows if r["metric"] == "hd95_mean" and r["init"] == "joint"]
+    # HD95 falls by 1 mm: lower is better, so pretraining helps
     assert hd and not hd[0]["higher_is_better"] and hd[0]["diff_vs_ref"] == pytest.approx(-1.0, abs=1e-6)
+    assert hd[0]["verdict"] == HELPS
     # Reproducible: the same inputs and seed give the same file.
     again = tmp_path / "again.csv"
     run_study("organs", study_runs, again, settings)
     assert again.read_text(encoding="utf-8") == out.read_text(encoding="utf-8")
+
+
+def test_study_table_switches_rule_with_cases_and_seeds(tmp_path):
+    # 3 seeds x 6 cases: two-level bootstrap, for cells and differences
+    rows = run_study("organs", _study(tmp_path / "six", seeds=3, cases=6), tmp_path / "six.csv", {"bootstrap_samples": 300})
+    for r in (r for r in rows if r["primary"]):
+        assert r["n_cases"] == 6 and r["ci_method"].startswith("two-level bootstrap (3 seeds, 6 cases")
+        assert r["ci_low"] < r["mean"] < r["ci_high"]
+        if r["init"] == "joint":
+            assert r["diff_ci_method"].startswith("two-level bootstrap (3 paired seeds, 6 cases")
+    # case resampling off: the seed is the unit whatever the number of cases
+    rows = run_study("organs", _study(tmp_path / "off", seeds=3, cases=6), tmp_path / "off.csv",
+                     {"bootstrap_samples": 300, "resample_cases": False})  # fmt: skip
+    assert {r["ci_method"] for r in rows} == {"student-t over 3 seeds (case resampling off)"}
+    # 2 seeds x 4 cases: no interval, the reason in the table, and no verdict but inconclusive
+    rows = run_study("organs", _study(tmp_path / "two", seeds=2, cases=4), tmp_path / "two.csv", {"bootstrap_samples": 300})
+    for r in rows:
+        assert math.isnan(r["ci_low"]) and r["ci_method"] == "none: 2 seeds < 3 and 4 test cases < 5"
+        if r["init"] == "joint":
+            assert r["diff_vs_ref"] == pytest.approx(0.1 if r["metric"] == "dice_mean" else -1.0, abs=1e-6)
+            assert math.isnan(r["diff_ci_low"]) and r["diff_ci_method"] == "none: 2 paired seeds < 3 and 4 test cases < 5"
+            assert r["verdict"] == INCONCLUSIVE
+    text = (tmp_path / "two.csv").read_text(encoding="utf-8")
+    assert "ci_method" in text.splitlines()[0] and "inconclusive (too few seeds or cases)" in text
 
 
 def test_study_rejects_other_tasks_and_duplicates(tmp_path, study_runs):
@@ -188,3 +215,42 @@ def test_case_resampler_matches_summarise_for_auc_and_froc():
     assert resampler.recompute(np.array([[1, 1]]))[0] == pytest.approx(
         summarise("detection", [det_rows[1], det_rows[1]], det_info)["froc_avg"]
     )
+
+
+def _classification_run(seed: int, strata: bool = True) -> RunResult:
+    """6 test cases of 3 slices, 2 labels; label b is positive in case c0 only (multi-label)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for case in range(6):
+        for _ in range(3):
+            a = int(rng.integers(0, 2))
+            b = int(case == 0)
+            rows.append({"case_id": f"c{case}", "prob_0": 0.3 + 0.4 * a + rng.normal(0, 0.2),
+                         "prob_1": 0.3 + 0.4 * b + rng.normal(0, 0.2), "target_0": a, "target_1": b})  # fmt: skip
+    record = {"task": "cls", "type": "classification", "init": "none", "fraction": 1.0, "seed": seed,
+              "class_keys": {"0": "a", "1": "b"}, "multilabel": True, "metrics": {}}  # fmt: skip
+    return RunResult(Path(f"run{seed}"), record, [{k: str(v) for k, v in r.items()} for r in rows])
+
+
+def test_classification_draws_are_stratified_so_every_class_keeps_both_labels():
+    from dataclasses import replace
+
+    from medclust.evaluate.evaluate_run import summarise
+
+    runs = [_classification_run(seed) for seed in range(3)]
+    resamplers = [run_resampler(r, "auc_macro") for r in runs]
+    for run, resampler in zip(runs, resamplers):
+        # the full case set gives the run's own macro AUC
+        full = summarise("classification", run.rows, run.record)["auc_macro"]
+        assert resampler.recompute(np.arange(6)[None])[0] == pytest.approx(full)
+        # c0 (the only case with label b) is a stratum of its own
+        assert list(resampler.strata).count(resampler.strata[0]) == 1
+        # a draw without c0 leaves label b without positives: undefined, not the AUC of label a
+        assert math.isnan(resampler.recompute(np.array([[1, 1, 2, 3, 4, 5]]))[0])
+    units = [Unit(r.key[2], resampler.recompute(np.arange(6)[None])[0], resampler) for r, resampler in zip(runs, resamplers)]
+    cell = summarise_cell(units, 300, 0.95, cell_rng(0, "cls"))
+    assert cell.n_undefined == 0 and cell.ci_method.startswith("two-level bootstrap (3 seeds, 6 cases")
+    # the same runs drawn without strata lose c0 in a third of the draws: no interval, reason given
+    flat = [Unit(u.seed, u.value, replace(u.cases, strata=None)) for u in units]
+    cell = summarise_cell(flat, 300, 0.95, cell_rng(0, "cls"))
+    assert math.isnan(cell.ci_low) and cell.n_undefined > 50 and "bootstrap replicates undefined" in cell.ci_method

@@ -10,15 +10,15 @@ from medclust.evaluate.metrics import (
     roc_auc_per_class,
     segmentation_scores,
 )
-from medclust.evaluate.statistics import bootstrap_ci, paired_difference, summarise_cell
+from medclust.evaluate.statistics import VERDICTS, paired_difference, summarise_cell, t_interval, verdict
 from medclust.evaluate.study import read_study_table, run_study, study_table
 
 __all__ = [
     "FROC_FP_RATES",
     "PRIMARY_METRIC",
+    "VERDICTS",
     "Detection",
     "Nodule",
-    "bootstrap_ci",
     "evaluate_run",
     "froc",
     "match_detections",
@@ -30,4 +30,6 @@ __all__ = [
     "study_table",
     "summarise",
     "summarise_cell",
+    "t_interval",
+    "verdict",
 ]

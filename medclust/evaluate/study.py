@@ -11,14 +11,21 @@ metric, primary           metric name; ``True`` for the task's primary metric
 higher_is_better          direction of the metric (HD95: lower is better)
 init, fraction            initialisation (``none`` = random) and label fraction
 n_seeds, seeds            number of runs (seeds) in the cell and their seeds (``;``-joined)
-n_cases                   test cases per run (the case-level resampling units; 0 = none)
+n_cases                   test cases common to the cell's runs (resampling units; 0 = no records)
 mean, std                 mean and sample std (ddof=1) over seeds of the run values
-ci_low, ci_high           hierarchical bootstrap CI of the mean (seeds, then cases within seeds)
+ci_low, ci_high           interval of the mean (NaN: none; ``ci_method`` says why)
+ci_method                 how the interval was obtained: two-level bootstrap, student-t over
+                          seeds, or ``none: <reason>``
+ci_undefined              bootstrap replicates whose metric was undefined (counted, not dropped)
 ref_init, n_pairs         reference arm (``none``) and number of seed pairs
 diff_vs_ref               mean paired difference ``init - none`` (same fraction and seed)
-diff_ci_low, diff_ci_high paired bootstrap CI of that difference (pairs, then shared cases)
+diff_ci_low, diff_ci_high interval of that difference (same rule, per-seed paired differences)
+diff_ci_method            how that interval was obtained (as ``ci_method``)
+diff_ci_undefined         undefined bootstrap replicates of the difference
+verdict                   ``helps`` / ``hurts`` / ``no detectable difference`` /
+                          ``inconclusive (too few seeds or cases)``; empty for the reference
 simulated, trained_on     whether simulated data were involved (any run of the cell), and how
-ci_level, bootstrap       the CI level and the number of bootstrap replicates
+ci_level, bootstrap       the confidence level and the number of bootstrap replicates
 ========================  ======================================================================
 
 The statistics are described in :mod:`medclust.evaluate.statistics`.
@@ -31,21 +38,38 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medclust.errors import BadInputError, MedclustError
-from medclust.evaluate.evaluate_run import HIGHER_IS_BETTER, case_resampler, read_per_case
-from medclust.evaluate.statistics import Unit, cell_rng, paired_difference, summarise_cell
+from medclust.evaluate.evaluate_run import (
+    HIGHER_IS_BETTER,
+    _classification_arrays,
+    case_resampler,
+    read_per_case,
+)
+from medclust.evaluate.metrics import roc_auc_per_class
+from medclust.evaluate.statistics import (
+    CaseResampler,
+    Unit,
+    cell_rng,
+    loop_resampler,
+    paired_difference,
+    summarise_cell,
+    verdict,
+)
 from medclust.io.atomic import write_csv_atomic
 
 log = logging.getLogger(__name__)
 
 STUDY_COLUMNS = [
     "task", "type", "metric", "primary", "higher_is_better", "init", "fraction", "n_seeds", "seeds",
-    "n_cases", "mean", "std", "ci_low", "ci_high", "ref_init", "n_pairs", "diff_vs_ref", "diff_ci_low",
-    "diff_ci_high", "simulated", "trained_on", "ci_level", "bootstrap",
+    "n_cases", "mean", "std", "ci_low", "ci_high", "ci_method", "ci_undefined", "ref_init", "n_pairs",
+    "diff_vs_ref", "diff_ci_low", "diff_ci_high", "diff_ci_method", "diff_ci_undefined", "verdict",
+    "simulated", "trained_on", "ci_level", "bootstrap",
 ]  # fmt: skip
 
 
@@ -57,7 +81,8 @@ class StudySettings:
         bootstrap_samples: bootstrap replicates per CI.
         ci_level: confidence level of every interval.
         seed: seed of the bootstrap draws.
-        resample_cases: also resample test cases within runs (hierarchical bootstrap).
+        resample_cases: with >= 5 test cases, use the two-level bootstrap (false: the seed is
+            always the unit).
         reference_init: the arm every other init is compared with (random init).
     """
 
@@ -111,6 +136,73 @@ def load_run(path: str | Path) -> RunResult:
     return RunResult(path, record, rows)
 
 
+def _targets_onehot(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (N, C), 0/1 targets (N, C)) of classification rows, single-label targets one-hot."""
+    probs, targets = _classification_arrays(rows, info)
+    if targets.ndim == 1:
+        onehot = np.zeros_like(probs)
+        onehot[np.arange(len(targets)), targets] = 1.0
+        targets = onehot
+    return probs, targets
+
+
+def case_strata(task_type: str, rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], case_ids: Sequence[str]) -> np.ndarray | None:
+    """Stratum of every case for the bootstrap draws (``None``: unstratified).
+
+    Classification: the case's label signature (per class: has a positive, has a negative), so
+    every replicate keeps both labels of every class that has both. Detection: whether the scan
+    has lesions. Segmentation: unstratified.
+    """
+    position = {c: i for i, c in enumerate(case_ids)}
+    if task_type == "classification":
+        _, targets = _targets_onehot(rows, info)
+        positive = np.zeros((len(case_ids), targets.shape[1]), dtype=bool)
+        negative = np.zeros_like(positive)
+        for row, target in zip(rows, targets >= 0.5):
+            i = position[str(row["case_id"])]
+            positive[i] |= target
+            negative[i] |= ~target
+        signature = np.concatenate([positive, negative], axis=1)
+        return np.unique(signature, axis=0, return_inverse=True)[1].reshape(-1)
+    if task_type == "detection":
+        lesions = {str(r["case_id"]): float(r.get("n_lesions") or 0) > 0 for r in rows}
+        return np.array([int(lesions[c]) for c in case_ids])
+    return None
+
+
+def _auc_macro_resampler(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) -> CaseResampler:
+    """Macro AUC on resampled cases; undefined when a class defined on all cases loses a label."""
+    case_ids = list(dict.fromkeys(str(r["case_id"]) for r in rows))
+    position = {c: i for i, c in enumerate(case_ids)}
+    row_case = np.array([position[str(r["case_id"])] for r in rows], dtype=np.int64)
+    members = [np.flatnonzero(row_case == i) for i in range(len(case_ids))]
+    probs, targets = _targets_onehot(rows, info)
+    defined = np.isfinite(np.asarray(roc_auc_per_class(probs, targets), dtype=np.float64))
+    cache: dict[tuple[int, ...], float] = {}
+
+    def metric_of(idx: np.ndarray) -> float:
+        key = tuple(sorted(int(i) for i in idx))  # a draw is a multiset: compute each once
+        if key not in cache:
+            take = np.concatenate([members[i] for i in key])
+            aucs = np.asarray(roc_auc_per_class(probs[take], targets[take]), dtype=np.float64)[defined]
+            cache[key] = float(aucs.mean()) if aucs.size and np.isfinite(aucs).all() else math.nan
+        return cache[key]
+
+    return loop_resampler(case_ids, metric_of)
+
+
+def run_resampler(run: RunResult, metric: str) -> CaseResampler | None:
+    """The run's :class:`CaseResampler` for ``metric`` (stratified), or None without records."""
+    if not run.rows:
+        return None
+    task_type = str(run.record["type"])
+    if task_type == "classification" and metric == "auc_macro":
+        resampler = _auc_macro_resampler(run.rows, run.record)
+    else:
+        resampler = case_resampler(task_type, run.rows, run.record, metric)
+    return replace(resampler, strata=case_strata(task_type, run.rows, run.record, resampler.case_ids))
+
+
 def _fraction_text(value: float) -> str:
     return f"{value:g}"
 
@@ -146,16 +238,17 @@ def study_table(runs: Sequence[RunResult], settings: StudySettings) -> list[dict
     inits = sorted({r.key[0] for r in runs}, key=lambda i: (i != ref, i))
     fractions = sorted({r.key[1] for r in runs})
 
+    cached: dict[tuple[str, str, float], list[Unit]] = {}
+
     def units(metric: str, init: str, fraction: float) -> list[Unit]:
-        out = []
-        for r in sorted(runs, key=lambda r: r.key):
-            if r.key[0] != init or r.key[1] != fraction:
-                continue
-            cases = None
-            if settings.resample_cases and r.rows:
-                cases = case_resampler(r.record["type"], r.rows, r.record, metric)
-            out.append(Unit(r.key[2], r.value(metric), cases))
-        return out
+        # built once per cell: the reference arm's resamplers (and their caches) serve every comparison
+        if (metric, init, fraction) not in cached:
+            cached[metric, init, fraction] = [
+                Unit(r.key[2], r.value(metric), run_resampler(r, metric))
+                for r in sorted(runs, key=lambda r: r.key)
+                if r.key[0] == init and r.key[1] == fraction
+            ]
+        return cached[metric, init, fraction]
 
     table: list[dict[str, Any]] = []
     for metric in metrics:
@@ -167,14 +260,19 @@ def study_table(runs: Sequence[RunResult], settings: StudySettings) -> list[dict
                 arm = units(metric, init, fraction)
                 name = (task, metric, init, _fraction_text(fraction))
                 cell = summarise_cell(
-                    arm, settings.bootstrap_samples, settings.ci_level, cell_rng(settings.seed, *name)
+                    arm,
+                    settings.bootstrap_samples,
+                    settings.ci_level,
+                    cell_rng(settings.seed, *name),
+                    resample_cases=settings.resample_cases,
                 )
+                higher_is_better = HIGHER_IS_BETTER.get(metric, True)
                 row: dict[str, Any] = {
                     "task": task,
                     "type": task_type,
                     "metric": metric,
                     "primary": metric == primary,
-                    "higher_is_better": HIGHER_IS_BETTER.get(metric, True),
+                    "higher_is_better": higher_is_better,
                     "init": init,
                     "fraction": fraction,
                     "n_seeds": cell.n,
@@ -184,11 +282,16 @@ def study_table(runs: Sequence[RunResult], settings: StudySettings) -> list[dict
                     "std": cell.std,
                     "ci_low": cell.ci_low,
                     "ci_high": cell.ci_high,
+                    "ci_method": cell.ci_method,
+                    "ci_undefined": cell.n_undefined,
                     "ref_init": ref,
                     "n_pairs": 0,
                     "diff_vs_ref": math.nan,
                     "diff_ci_low": math.nan,
                     "diff_ci_high": math.nan,
+                    "diff_ci_method": "",
+                    "diff_ci_undefined": 0,
+                    "verdict": "",
                     "simulated": any(bool(r.record.get("simulated")) for r in cell_runs),
                     "trained_on": ";".join(sorted({str(r.record.get("trained_on") or "") for r in cell_runs})),
                     "ci_level": settings.ci_level,
@@ -208,6 +311,9 @@ def study_table(runs: Sequence[RunResult], settings: StudySettings) -> list[dict
                         diff_vs_ref=paired.diff,
                         diff_ci_low=paired.ci_low,
                         diff_ci_high=paired.ci_high,
+                        diff_ci_method=paired.ci_method,
+                        diff_ci_undefined=paired.n_undefined,
+                        verdict=verdict(paired.ci_low, paired.ci_high, paired.n_pairs, higher_is_better),
                     )
                 table.append(row)
     return table
@@ -227,7 +333,7 @@ def write_study_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> No
 
 
 _NUMERIC = {"fraction", "mean", "std", "ci_low", "ci_high", "diff_vs_ref", "diff_ci_low", "diff_ci_high", "ci_level"}
-_INTEGER = {"n_seeds", "n_cases", "n_pairs", "bootstrap"}
+_INTEGER = {"n_seeds", "n_cases", "n_pairs", "bootstrap", "ci_undefined", "diff_ci_undefined"}
 _BOOLEAN = {"primary", "higher_is_better", "simulated"}
 
 
