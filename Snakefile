@@ -2,6 +2,7 @@
 #   snakemake --cores 2                 everything (the default target `all`)
 #   snakemake --cores 2 data            stop after the slice store and QC tables
 #   snakemake --cores 2 pretrain | finetune | study
+#   snakemake --cores 2 predict         the jobs of the config block `predict` (model packages on new images)
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -22,6 +23,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/study.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:
@@ -51,3 +53,8 @@ rule finetune:
 rule study:
     input:
         study_targets,
+
+
+rule predict:
+    input:
+        predict_targets,

@@ -1,5 +1,6 @@
 # Input functions, wildcard constraints and helpers shared by every stage. No rules here.
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -467,3 +468,48 @@ def pretrain_targets(wildcards):
 
 
 # --- pretraining helpers (end) -----------------------------------------------------------------
+
+
+# --- prediction helpers (begin) ----------------------------------------------------------------
+
+PREDICT_JOBS = config.get("predict") or {}
+PREDICT_JOBS_PATTERN = "|".join(re.escape(name) for name in PREDICT_JOBS) or "(?!)"
+
+
+def predict_settings(name):
+    """One entry of the config `predict` block, with the schema defaults filled in."""
+    job = dict(PREDICT_JOBS[name])
+    job.setdefault("dicom_seg", False)
+    job["on_bad_input"] = job.get("on_bad_input") or config["on_bad_input"]
+    return job
+
+
+def predict_weights(wildcards):
+    """The package's model.pt: a fine-tuning run of this study is built first, like any input."""
+    model = Path(PREDICT_JOBS[wildcards.job]["model"])
+    folder = model.parent if model.name.endswith(".json") else model
+    return str(folder / "model.pt")
+
+
+def predict_args(wildcards):
+    """`medclust predict` options of one job (inputs, policy, optional flags), shell-quoted."""
+    job = predict_settings(wildcards.job)
+    args = []
+    for path in job["inputs"]:
+        args += ["--input", shlex.quote(str(path))]
+    args += ["--on-bad-input", job["on_bad_input"]]
+    if job["dicom_seg"]:
+        args.append("--dicom-seg")
+    if job.get("modality"):
+        args += ["--modality", job["modality"]]
+    if job.get("batch_size"):
+        args += ["--batch-size", str(int(job["batch_size"]))]
+    return " ".join(args)
+
+
+def predict_targets(wildcards):
+    """predict.json of every job of the config `predict` block (empty without one)."""
+    return [f"{RESULTS}/predict/{job}/predict.json" for job in PREDICT_JOBS]
+
+
+# --- prediction helpers (end) ------------------------------------------------------------------

@@ -1,5 +1,6 @@
 # Fine-tuning: one run per {task}/{init}/{fraction}/{seed} (owned by the fine-tuning stage).
-#   rule finetune_run  results/finetune/{task}/{init}/{fraction}/{seed}/model.pt (+ run.json,
+#   rule finetune_run  results/finetune/{task}/{init}/{fraction}/{seed}/model.pt (+ model.json, the
+#                      model package with model.pt; run.json,
 #                      metrics.json and per_case.csv (the test scores), predictions, val.csv,
 #                      metrics.csv, provenance.json; checkpoint/ is not an output so that a
 #                      pre-empted run resumes)
@@ -11,6 +12,7 @@ rule finetune_run:
         unpack(finetune_inputs),
     output:
         model=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/model.pt",
+        package=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/model.json",
         run=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/run.json",
         metrics=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/metrics.json",
         per_case=f"{RESULTS}/finetune/{{task}}/{{init}}/{{fraction}}/{{seed}}/per_case.csv",

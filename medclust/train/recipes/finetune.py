@@ -54,7 +54,7 @@ from medclust.data.downstream import (
 )
 from medclust.errors import BadInputError, MedclustError
 from medclust.evaluate.predict import group_peaks, pad_to_multiple, predict_logits, predict_segmentation, predict_slices
-from medclust.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from medclust.io.atomic import write_json_atomic, write_text_atomic
 from medclust.io.original_grid import store_to_original, world_to_store_index, write_label_nifti
 from medclust.models.heads import build_task_model, heatmap_focal_loss
 
@@ -792,9 +792,10 @@ def run_finetune(
     write_provenance(out, {**run_settings, "init": init, "fraction": fraction, "seed": seed}, inputs)
     # scored here, not in a job of its own, which would pay the ~7 s torch + MONAI start-up again
     evaluate_run(out, run_settings)
-    model_path = out / "model.pt"
-    with atomic_path(model_path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    from medclust.predict.package import write_finetune_package
+
+    # the run folder is the model package: model.json, then model.pt (last, marks completion)
+    model_path = write_finetune_package(out, model, run_settings, train_slices_dir or slices_dir, label_map=data.lut)
     if not bool(run_settings.get("keep_checkpoint", False)):
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     log.info("wrote %s in %.1f s (training %.1f s)", out, time.perf_counter() - started, trained_at - started)
