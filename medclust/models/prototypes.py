@@ -17,11 +17,13 @@ class Prototypes(nn.Module):
     """K learnable prototypes; ``forward`` returns cosine scores of L2-normalised features.
 
     Freezing (SwAV freezes prototypes for the first steps so that codes do not collapse onto a
-    few randomly good prototypes) is done in the forward pass, not by removing the parameter
-    from the graph: while frozen the weight still receives a gradient, but an exactly zero one.
-    That keeps DistributedDataParallel happy (no unused parameters), needs no hook in the
-    trainer, and with zero gradients AdamW/SGD leave the rows' directions untouched (weight
-    decay only changes their norm, which :meth:`normalize_` undoes every step).
+    few randomly good prototypes) is done in the forward pass: while frozen the scores use a
+    detached weight, so the weight gets no gradient at all (``grad is None`` after backward, after
+    the trainer's all-reduce — a parameter without a gradient on every rank keeps ``None`` — and
+    after clipping, which it does not enter). The optimiser then skips the rows entirely, as
+    SwAV's ``p.grad = None`` does: AdamW's step count and moments stay untouched. A zero gradient
+    instead would advance the step count with empty moments, and the bias correction would make
+    the first updates after unfreezing several times too large.
 
     Args:
         dim: feature dimension.
@@ -59,8 +61,7 @@ class Prototypes(nn.Module):
         """
         w = self.layer.weight
         if self.frozen:
-            # zero (not absent) gradient: see the class docstring
-            w = w.detach() + 0.0 * w
+            w = w.detach()  # no gradient at all, not a zero one: see the class docstring
         return F.linear(features, w)
 
     @torch.no_grad()
@@ -70,7 +71,7 @@ class Prototypes(nn.Module):
         w.copy_(F.normalize(w.float(), dim=1).to(w.dtype))
 
     def set_frozen(self, frozen: bool) -> None:
-        """Freeze (zero gradients) or unfreeze the prototypes for the next forward passes."""
+        """Freeze (no gradient) or unfreeze the prototypes for the next forward passes."""
         self.frozen = bool(frozen)
 
     def cancel_gradients_(self) -> None:

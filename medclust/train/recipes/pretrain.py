@@ -49,7 +49,7 @@ from medclust.data.pretrain_datasets import CaseArrays, PretrainBatches, Pretrai
 from medclust.errors import MedclustError
 from medclust.io.atomic import atomic_path
 from medclust.losses import Agreement3DLoss, DeepClusterLoss, MaskedEmbeddingLoss, MemoryBank, SwAVLoss
-from medclust.models import JointModel, SliceEncoder, normalize_prototypes_, set_prototypes_frozen
+from medclust.models import JointModel, SliceEncoder, normalize_prototypes_
 from medclust.provenance import write_provenance
 from medclust.train.distributed import DistContext
 from medclust.train.recipes.pretrain_export import export_cases, export_embeddings
@@ -123,6 +123,7 @@ class PretrainTask:
         self.dc_loss = DeepClusterLoss(t)
         self.bank: MemoryBank | None = None
         self.assignments: Tensor | None = None
+        self._centroids_loaded = False
 
     # -- TrainTask -------------------------------------------------------------------------------
 
@@ -145,14 +146,19 @@ class PretrainTask:
             self.assignments = torch.full((self.num_items,), -1, dtype=torch.long, device=context.device)
 
     def build_model(self) -> nn.Module:
-        """The joint model (all methods share it; 2D methods leave the 3D parts untouched)."""
-        return build_joint_model(self.s)
+        """The joint model; without its volume branch when the method has no 3D objective.
+
+        The encoder is built first either way, so the seeded initialisation (what ``none``
+        exports) does not depend on the method.
+        """
+        return build_joint_model(self.s, volume_branch=self.uses_3d)
 
     def compile_model(self, model: nn.Module) -> None:
         """``torch.compile`` the encoder and the slice attention in place (the steps call them, not ``model``)."""
         jm = _unwrap(model)
         jm.encoder.compile(dynamic=True)  # the number of real slices encoded varies per step
-        jm.attention.compile(dynamic=True)
+        if jm.attention is not None:
+            jm.attention.compile(dynamic=True)
 
     def signature(self) -> dict[str, Any]:
         """Settings and data that identify the run (a checkpoint of another run is discarded)."""
@@ -207,12 +213,18 @@ class PretrainTask:
         dc = self.s["deepcluster"]
         centroids, table = self.bank.cluster(self.s["k_2d"], self.num_items, iterations=dc["kmeans_iterations"], seed=derive_seed(self.seed, epoch, 0xDC))
         jm.prototypes_2d.load_centroids_(centroids)
+        self._centroids_loaded = True  # the rows' optimiser state is reset before the next update
         self.assignments = table.to(self.context.device)
 
     def training_step(self, model: nn.Module, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
         """One step of the method's objective; returns the total and each term."""
         jm = _unwrap(model)
-        set_prototypes_frozen(jm, step, self.s["freeze_prototypes_steps"])
+        # each prototype set is frozen for the first steps of its own objective (the 3D one starts
+        # after the 2D warm-up; counted from step 0 it would never freeze when warmup >= freeze)
+        freeze = self.s["freeze_prototypes_steps"]
+        jm.prototypes_2d.set_frozen(step < freeze)
+        if jm.prototypes_3d is not None:
+            jm.prototypes_3d.set_frozen(step - self.s["warmup_2d_steps"] < freeze)
         if self.method == "deepcluster2d":
             return self._deepcluster_step(jm, batch)
         views = batch["views2d"]
@@ -272,6 +284,16 @@ class PretrainTask:
         loss = 0.5 * (self.dc_loss(scores[:n], targets) + self.dc_loss(scores[n:], targets))
         self.bank.add(z[:n].detach(), index)
         return {"loss": loss, "loss_intra": loss}
+
+    def before_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """DeepCluster-v2: new centroids start with fresh optimiser state.
+
+        The moments that AdamW (or LARS momentum) kept for the prototype rows belong to the
+        previous epoch's clusters, whose rows the k-means has just replaced (in another order).
+        """
+        if self._centroids_loaded:
+            optimizer.state.pop(_unwrap(model).prototypes_2d.weight, None)
+            self._centroids_loaded = False
 
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """Prototypes back on the unit sphere after every update."""

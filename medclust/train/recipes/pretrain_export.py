@@ -69,7 +69,7 @@ def export_embeddings(
     model = model.to(device).eval()
     s = settings
     view_size, volume_size, s_max = tuple(s["view_size"]), tuple(s["volume_size"]), int(s["s_max"])
-    attention_pooling = method == "joint"
+    attention_pooling = model.has_volume_branch  # joint; the 2D-only methods have no trained 3D branch
     slice_rows: dict[str, list[Any]] = {k: [] for k in ("emb", "dataset", "modality", "cluster", "case", "index")}
     vol_rows: dict[str, list[Any]] = {k: [] for k in ("emb", "dataset", "modality", "cluster", "case")}
 

@@ -71,8 +71,14 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def build_joint_model(s: Mapping[str, Any]) -> JointModel:
-    """Encoder + slice attention + heads + prototypes from resolved settings."""
+def build_joint_model(s: Mapping[str, Any], volume_branch: bool = True) -> JointModel:
+    """Encoder + slice attention + heads + prototypes from resolved settings.
+
+    Args:
+        s: resolved settings.
+        volume_branch: build the slice attention, volume head, predictor, mask token and volume
+            prototypes (False for the 2D-only methods, which never use them).
+    """
     encoder = SliceEncoder(s["backbone"], d_model=s["d_model"])
-    attention = SliceAttention(s["d_model"], heads=s["heads"], points=s["points"], layers=s["layers"])
+    attention = SliceAttention(s["d_model"], heads=s["heads"], points=s["points"], layers=s["layers"]) if volume_branch else None
     return JointModel(encoder, attention, d_model=s["d_model"], proj_dim=s["proj_dim"], k_2d=s["k_2d"], k_3d=s["k_3d"], mask_ratio=s["mask_ratio"])
