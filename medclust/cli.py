@@ -338,6 +338,20 @@ def _cmd_plot_study(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _cmd_verdict_table(sub: Any) -> None:
+    p = sub.add_parser("verdict-table", help="does pretraining help: task x init x fraction verdicts (HTML)")
+    p.add_argument("--tables", type=Path, nargs="+", required=True, help="results/study/{task}.csv")
+    p.add_argument("--out", type=Path, required=True, help="an HTML fragment (one table)")
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.evaluate import read_study_table
+        from medclust.report import write_verdict_table
+
+        write_verdict_table([read_study_table(t) for t in args.tables], args.out)
+
+    p.set_defaults(func=run)
+
+
 def _run_dirs(paths: Sequence[Path]) -> dict[str, Path]:
     """``{init: run folder}`` from run folders (or files inside them), init read from run.json."""
     out = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -13,8 +14,12 @@ from PIL import Image
 from medclust.cli import main
 from medclust.evaluate import evaluate_run, run_study
 from medclust.io.slice_store import write_case
-from medclust.report import pca_2d, plot_study_curves, read_loss_curve
+from medclust.report import pca_2d, plot_study_curves, read_loss_curve, verdict_table_html
 from medclust.evaluate.study import read_study_table
+from medclust.report.study_plots import missing_intervals, verdict_summary
+from medclust.report.verdicts import _CELL, effect_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -127,6 +132,81 @@ def test_study_and_segmentation_figures(tmp_path):
         row["simulated"] = True
     plot_study_curves(rows, out / "sim.png")
     _assert_png(out / "sim.png")
+
+
+def test_two_seeds_one_case_draw_no_band_and_say_inconclusive(tmp_path):
+    files = _segmentation_runs(tmp_path)  # 2 seeds, 1 test case: the design supports no interval
+    table = tmp_path / "study" / "organs.csv"
+    rows = [r for r in run_study("organs", files, table, {"bootstrap_samples": 200}) if r["primary"]]
+    reason = "none: 2 seeds < 3 and 1 test case < 5"
+    assert missing_intervals(rows) == [f"{r['init']} @ {r['fraction']:g}: {reason}" for r in rows]
+    paired = "none: 2 paired seeds < 3 and 1 test case < 5"
+    assert missing_intervals(rows, difference=True) == [f"joint @ {f:g}: {paired}" for f in (0.5, 1.0)]
+    assert verdict_summary(rows) == "joint vs none — 0.5: inconclusive, 1: inconclusive"
+    # the verdict table (HTML fragment) lists every comparison with its effect, method and verdict
+    out = tmp_path / "report" / "verdicts.html"
+    assert main(["verdict-table", "--tables", str(table), "--out", str(out)]) == 0
+    text = html.unescape(out.read_text(encoding="utf-8"))
+    assert text.count("<tr>") == 1 + 2  # header + joint at two fractions
+    for r in (r for r in rows if r["init"] == "joint"):
+        assert f"<td style=\"{_CELL}\">{effect_text(r)}</td>" in text
+        assert effect_text(r).endswith("(no interval)")
+    assert text.count(paired) == 2 and text.count("inconclusive (too few seeds or cases)") == 2
+    assert "helps</td>" not in text
+
+
+def test_verdict_table_shades_and_orders_comparisons():
+    base = {"task": "t", "metric": "dice_mean", "primary": True, "ref_init": "none", "n_pairs": 5, "n_cases": 8,
+            "diff_ci_method": "two-level bootstrap (5 paired seeds, 8 cases, t on 9.0 df)", "ci_level": 0.95}  # fmt: skip
+    rows = [
+        {**base, "init": "none", "fraction": 1.0, "verdict": ""},
+        {**base, "init": "joint", "fraction": 0.25, "diff_vs_ref": 0.1, "diff_ci_low": 0.02, "diff_ci_high": 0.18,
+         "verdict": "helps"},
+        {**base, "init": "joint", "fraction": 1.0, "diff_vs_ref": -0.01, "diff_ci_low": -0.05, "diff_ci_high": 0.03,
+         "verdict": "no detectable difference"},
+        {**base, "metric": "hd95_mean", "primary": False, "init": "joint", "fraction": 1.0, "diff_vs_ref": 3.0,
+         "diff_ci_low": 1.0, "diff_ci_high": 5.0, "verdict": "hurts"},
+    ]  # fmt: skip
+    text = verdict_table_html([rows])
+    body = text.split("<tbody>")[1]
+    assert body.count("<tr>") == 2  # the reference and secondary metrics are not verdict rows
+    first, second = body.split("</tr>")[:2]
+    assert "+0.100 [+0.020, +0.180]" in first and "#d9f2d9" in first and "helps" in first
+    assert "-0.010 [-0.050, +0.030]" in second and "#eeeeee" in second and "no detectable difference" in second
+    assert "95% interval" in text
+    assert verdict_table_html([rows[:1]]).startswith("<p>No comparison")
+
+
+def _render_like_snakemake(rst: Path, **context: object) -> str:
+    """A caption rendered as `snakemake --report` does: Jinja (trim/lstrip blocks), then docutils."""
+    from docutils.core import publish_parts
+    from jinja2 import Environment
+
+    text = Environment(trim_blocks=True, lstrip_blocks=True).from_string(rst.read_text(encoding="utf-8")).render(**context)
+    return publish_parts(text, writer="html")["html_body"]
+
+
+def test_opening_page_and_study_captions_show_the_verdicts(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)  # the report renders relative output paths from the working dir
+    files = _segmentation_runs(tmp_path)
+    run_study("organs", files, tmp_path / "study.csv", {"bootstrap_samples": 200})
+    fragment = Path("results/report/verdicts.html")
+    assert main(["verdict-table", "--tables", "study.csv", "--out", str(fragment)]) == 0
+    config = {"study": {"ci_level": 0.95, "bootstrap_samples": 2000}, "finetune": {"seeds": [0, 1]}}
+    record = SimpleNamespace(target="verdicts.html", path=fragment)
+    page = _render_like_snakemake(REPO / "workflow/report/workflow.rst",
+                                  snakemake=SimpleNamespace(config=config), files=[record])  # fmt: skip
+    assert page.index("Verdicts") < page.index('<table class="medclust-verdicts"') < page.index("How to read them")
+    assert "inconclusive (too few seeds or cases)" in page and "2 seed(s) per cell" in page
+    assert "none: 2 paired seeds &lt; 3 and 1 test case &lt; 5" in page
+    empty = _render_like_snakemake(REPO / "workflow/report/workflow.rst", snakemake=SimpleNamespace(config=config), files=[])
+    assert "not available" in empty and "medclust-verdicts" not in empty
+    job = SimpleNamespace(config=config, wildcards=SimpleNamespace(task="organs"), output=SimpleNamespace(verdicts=str(fragment)))
+    for caption in ("study_curves.rst", "study_table.rst"):
+        text = _render_like_snakemake(REPO / "workflow/report" / caption, snakemake=job)
+        assert '<table class="medclust-verdicts"' in text and "inconclusive (too few seeds or cases)" in text
 
 
 def test_detection_figure(tmp_path):

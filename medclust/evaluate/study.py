@@ -146,7 +146,9 @@ def _targets_onehot(rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any]) 
     return probs, targets
 
 
-def case_strata(task_type: str, rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], case_ids: Sequence[str]) -> np.ndarray | None:
+def case_strata(
+    task_type: str, rows: Sequence[Mapping[str, Any]], info: Mapping[str, Any], case_ids: Sequence[str]
+) -> np.ndarray | None:
     """Stratum of every case for the bootstrap draws (``None``: unstratified).
 
     Classification: the case's label signature (per class: has a positive, has a negative), so

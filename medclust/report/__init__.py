@@ -12,9 +12,9 @@ from medclust.report.plots import (
     plot_embedding_map,
     plot_loss_curves,
     plot_segmentation_overlays,
-    plot_study_curves,
-    plot_study_table,
 )
+from medclust.report.study_plots import plot_study_curves, plot_study_table
+from medclust.report.verdicts import verdict_table_html, write_verdict_table
 
 __all__ = [
     "detection_example",
@@ -28,4 +28,6 @@ __all__ = [
     "read_embeddings",
     "read_loss_curve",
     "segmentation_example",
+    "verdict_table_html",
+    "write_verdict_table",
 ]

@@ -26,8 +26,6 @@ from medclust.io.atomic import atomic_path
 
 SIMULATED_NOTE = "SIMULATED data"
 
-_INIT_STYLE = {"none": {"color": "0.35", "linestyle": "--"}}
-
 
 def _save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Render ``fig`` to PNG at ``path`` atomically."""
@@ -198,7 +196,7 @@ def plot_embedding_map(embeddings: Mapping[str, Any], path: str | Path, title: s
     return _save(fig, path)
 
 
-# --- study ------------------------------------------------------------------------------------
+# --- shared by the study and example figures ---------------------------------------------------
 
 
 def _title_with_note(title: str, simulated: bool, trained_on: str = "") -> str:
@@ -207,147 +205,6 @@ def _title_with_note(title: str, simulated: bool, trained_on: str = "") -> str:
         return title
     what = "; ".join(t for t in str(trained_on or "").split(";") if "simulated" in t.lower())
     return f"{title}\n[{SIMULATED_NOTE}: trained on {what}]" if what else f"{title}\n[{SIMULATED_NOTE}]"
-
-
-def plot_study_curves(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str | None = None) -> Path:
-    """Metric versus label fraction per init with CI bands, and the paired difference to random init.
-
-    Args:
-        rows: study-table rows of one task (typed, see ``read_study_table``).
-        path: the PNG to write.
-        metric: which metric (default: the primary one).
-
-    Returns:
-        ``path``.
-    """
-    if not rows:
-        return _empty(path, "Study", "empty study table")
-    metric = metric or next((r["metric"] for r in rows if r.get("primary")), rows[0]["metric"])
-    rows = [r for r in rows if r["metric"] == metric]
-    task = rows[0]["task"]
-    simulated = any(r.get("simulated") for r in rows)
-    level = rows[0].get("ci_level", 0.95)
-    ref = rows[0].get("ref_init", "none")
-    inits = list(dict.fromkeys(r["init"] for r in rows))
-    has_diff = any(math.isfinite(r.get("diff_vs_ref", math.nan)) for r in rows)
-    fig = Figure(figsize=(10.5 if has_diff else 5.5, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2 if has_diff else 1, squeeze=False)[0]
-    fractions = sorted({r["fraction"] for r in rows})
-    log_x = len(fractions) > 1 and min(fractions) > 0 and max(fractions) / min(fractions) >= 4
-    for i, init in enumerate(inits):
-        mine = sorted((r for r in rows if r["init"] == init), key=lambda r: r["fraction"])
-        x = np.array([r["fraction"] for r in mine])
-        style = _INIT_STYLE.get(init, {"color": f"C{i}", "linestyle": "-"})
-        y = np.array([r["mean"] for r in mine])
-        lo = np.array([r["ci_low"] for r in mine])
-        hi = np.array([r["ci_high"] for r in mine])
-        seeds = max(r.get("n_seeds", 0) for r in mine)
-        axes[0].plot(x, y, marker="o", label=f"{init} (n={seeds} seeds)", **style)
-        if np.isfinite(lo).any():
-            axes[0].fill_between(x, lo, hi, color=style["color"], alpha=0.18, linewidth=0)
-        if has_diff and init != ref:
-            d = np.array([r["diff_vs_ref"] for r in mine])
-            dlo = np.array([r["diff_ci_low"] for r in mine])
-            dhi = np.array([r["diff_ci_high"] for r in mine])
-            axes[1].plot(x, d, marker="o", label=init, **style)
-            if np.isfinite(dlo).any():
-                axes[1].fill_between(x, dlo, dhi, color=style["color"], alpha=0.18, linewidth=0)
-    direction = "higher is better" if rows[0].get("higher_is_better", True) else "lower is better"
-    axes[0].set_ylabel(f"{metric} ({direction})")
-    axes[0].set_title(f"{metric}: mean over seeds, {level:.0%} bootstrap CI", fontsize=10)
-    axes[0].legend(fontsize=8, title="init")
-    if has_diff:
-        axes[1].axhline(0.0, color="0.3", linewidth=1)
-        axes[1].set_ylabel(f"{metric}: init − {ref} (paired)")
-        axes[1].set_title(f"paired difference to {ref}, {level:.0%} bootstrap CI", fontsize=10)
-        axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("label fraction")
-        if log_x:
-            ax.set_xscale("log")
-            ax.minorticks_off()
-        ax.set_xticks(fractions)
-        ax.set_xticklabels([f"{f:g}" for f in fractions])
-        ax.grid(alpha=0.3)
-    trained_on = ";".join(sorted({str(r.get("trained_on", "")) for r in rows}))
-    fig.suptitle(_title_with_note(f"Task {task}: does pretraining help?", simulated, trained_on))
-    return _save(fig, path)
-
-
-_TABLE_COLUMNS = [
-    ("metric", "metric"),
-    ("init", "init"),
-    ("fraction", "fraction"),
-    ("n_seeds", "seeds"),
-    ("n_cases", "cases"),
-    ("mean", "mean ± std"),
-    ("ci", "CI"),
-    ("diff", "Δ vs none [CI]"),
-]
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def plot_study_table(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """The study table of one task rendered as a figure (the CSV holds the full precision).
-
-    Args:
-        rows: study-table rows of one task.
-        path: the PNG to write.
-
-    Returns:
-        ``path``.
-    """
-    if not rows:
-        return _empty(path, "Study table", "empty study table")
-    task = rows[0]["task"]
-    simulated = any(r.get("simulated") for r in rows)
-    cells = []
-    for r in rows:
-        cells.append(
-            [
-                r["metric"],
-                r["init"],
-                f"{r['fraction']:g}",
-                str(r.get("n_seeds", "")),
-                str(r.get("n_cases", "")),
-                f"{_fmt(r['mean'])} ± {_fmt(r['std'])}",
-                f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
-                "" if r["init"] == r.get("ref_init", "none")
-                else f"{_fmt(r['diff_vs_ref'], 3)} [{_fmt(r['diff_ci_low'])}, {_fmt(r['diff_ci_high'])}]",
-            ]
-        )
-    fig = Figure(figsize=(11, 0.7 + 0.27 * (len(cells) + 1)), layout="constrained")
-    ax = fig.add_subplot()
-    ax.axis("off")
-    widths = np.array([1.1, 1.1, 0.8, 0.6, 0.6, 1.4, 1.5, 2.2])
-    table = ax.table(
-        cellText=cells,
-        colLabels=[c[1] for c in _TABLE_COLUMNS],
-        colWidths=(widths / widths.sum()).tolist(),
-        bbox=[0.0, 0.0, 1.0, 1.0],
-        cellLoc="center",
-    )
-    table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    for (row, _), cell in table.get_celld().items():
-        if row == 0:
-            cell.set_text_props(weight="bold")
-            cell.set_facecolor("0.9")
-        elif rows[row - 1].get("primary"):
-            cell.set_facecolor("#eef5ff")
-    level = rows[0].get("ci_level", 0.95)
-    fig.suptitle(
-        _title_with_note(
-            f"Study table, task {task} ({level:.0%} bootstrap CIs over seeds and test cases; primary metric shaded)",
-            simulated,
-            ";".join(sorted({str(r.get("trained_on", "")) for r in rows})),
-        ),
-        fontsize=10,
-    )
-    return _save(fig, path)
 
 
 # --- examples ---------------------------------------------------------------------------------

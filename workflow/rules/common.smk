@@ -134,6 +134,8 @@ def report_targets():
     if trained_methods():
         targets.append(f"{RESULTS}/report/pretrain_loss.png")
     targets += [f"{RESULTS}/report/embeddings/{m}.png" for m in report_methods()]
+    if study_tasks():
+        targets.append(f"{RESULTS}/report/verdicts.html")
     for task in study_tasks():
         targets += [f"{RESULTS}/report/study/{task}_curves.png", f"{RESULTS}/report/study/{task}_table.png"]
         if task_type(task) in ("segmentation", "detection"):

@@ -1,6 +1,7 @@
 # Figures registered with report() (owned by the evaluation stage); `snakemake --report report.html`
 # collects them with the captions in workflow/report/. Every figure is drawn by a `medclust plot-*`
-# command from metrics files, study tables, embeddings or predictions.
+# command from metrics files, study tables, embeddings or predictions; the verdict tables by
+# `medclust verdict-table` from the study tables.
 
 
 rule plot_pretrain_loss:
@@ -65,6 +66,8 @@ rule plot_study:
             caption="../report/study_table.rst",
             labels={"task": "{task}", "figure": "study table"},
         ),
+        # the task's verdicts, embedded in both captions above (not a report item itself)
+        verdicts=f"{RESULTS}/report/study/{{task}}_verdicts.html",
     log:
         f"{RESULTS}/logs/report/study_{{task}}.log",
     resources:
@@ -74,7 +77,30 @@ rule plot_study:
         MEDCLUST_ENV
     shell:
         "(medclust plot-study --table {input:q} --kind curves --out {output.curves:q}"
-        " && medclust plot-study --table {input:q} --kind table --out {output.table:q}) > {log:q} 2>&1"
+        " && medclust plot-study --table {input:q} --kind table --out {output.table:q}"
+        " && medclust verdict-table --tables {input:q} --out {output.verdicts:q}) > {log:q} 2>&1"
+
+
+# The verdicts of every task: the report's opening page embeds this table (workflow.rst).
+rule verdict_table:
+    input:
+        lambda wildcards: [f"{RESULTS}/study/{task}.csv" for task in study_tasks()],
+    output:
+        report(
+            f"{RESULTS}/report/verdicts.html",
+            category="Verdicts",
+            caption="../report/verdicts.rst",
+            labels={"figure": "does pretraining help? (all tasks)"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/verdicts.log",
+    resources:
+        **rule_resources("plot", threads=1, mem_mb=2000, runtime=10),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust verdict-table --tables {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule plot_examples:

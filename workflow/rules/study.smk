@@ -2,7 +2,7 @@
 #   rule study_table  every run of a task -> {RESULTS}/study/{task}.csv
 # Each run is scored by finetune_run itself (metrics.json + per_case.csv; a separate job would pay
 # the torch + MONAI start-up once more per run); `medclust evaluate --run DIR` re-scores by hand.
-# Statistics: medclust/evaluate/statistics.py (hierarchical + paired bootstrap, config `study`).
+# Statistics: medclust/evaluate/statistics.py (interval rule by design, verdicts; config `study`).
 # Helpers (study_targets, task_runs, ...) live in common.smk (lint: no functions beside rules).
 
 
@@ -14,7 +14,7 @@ rule study_table:
             f"{RESULTS}/study/{{task}}.csv",
             category="Study",
             subcategory="{task}",
-            caption="../report/study_table.rst",
+            caption="../report/study_csv.rst",
             labels={"task": "{task}", "figure": "study table (CSV)"},
         ),
     params:
