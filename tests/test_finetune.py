@@ -107,9 +107,14 @@ def test_plan_slabs_nested_fractions_and_fixed_test():
         assert not train & val and not train & test and not val & test
     t25, t50, t100 = (set(plans[f].train["vol"].tolist()) for f in (0.25, 0.5, 1.0))
     assert t25 <= t50 <= t100 and len(t25) < len(t50) < len(t100)
+    # validation follows the fraction: nested shares of the same validation slabs
+    v25, v50, v100 = (set(plans[f].val["vol"].tolist()) for f in (0.25, 0.5, 1.0))
+    assert v25 <= v50 <= v100 and len(v25) == math.ceil(0.25 * len(v100)) and len(v50) == math.ceil(0.5 * len(v100))
+    assert all(p.val_total_slices == len(v100) for p in plans.values())
     other_seed = plan_splits(cases, None, "slabs", 0.25, seed=2, slabs=TINY["slabs"], context_slices=1)
     np.testing.assert_array_equal(other_seed.test["vol"], plans[0.25].test["vol"])  # test never depends on the seed
-    np.testing.assert_array_equal(other_seed.val["vol"], plans[0.25].val["vol"])
+    full_other_seed = plan_splits(cases, None, "slabs", 1.0, seed=2, slabs=TINY["slabs"], context_slices=1)
+    np.testing.assert_array_equal(full_other_seed.val["vol"], plans[1.0].val["vol"])  # nor do the validation slabs
 
 
 def test_slabs_cover_only_the_labelled_extent():
@@ -127,9 +132,27 @@ def test_plan_cases_disjoint_and_case_fractions():
     plan = plan_splits(cases, splits, "cases", 0.5, seed=0, min_cases=8)
     assert plan.unit == "cases" and len(plan.train) == 5 and plan.train_total == 10
     assert set(plan.train) <= set(splits["train"])
-    assert set(plan.val) == set(splits["val"]) and set(plan.test) == set(splits["test"])
+    assert set(plan.test) == set(splits["test"])
+    assert len(plan.val) == 1 and set(plan.val) <= set(splits["val"])  # half of the validation cases
     full = plan_splits(cases, splits, "cases", 1.0, seed=0, min_cases=8)
-    assert set(plan.train) <= set(full.train)
+    assert set(plan.train) <= set(full.train) and set(full.val) == set(splits["val"])
+
+
+def test_validation_slabs_come_only_from_the_fraction_volumes():
+    # no validation cases: slabs are cut from training volumes, and a 25 % run may only use
+    # those of its own 25 % of volumes for model selection
+    cases = [_case(f"c{i:02d}", 20) for i in range(12)]
+    ids = [c.case_id for c in cases]
+    splits = {"train": ids[:10], "val": [], "test": ids[10:]}
+    plans = {f: plan_splits(cases, splits, "cases", f, seed=3, min_cases=8, slabs={"gap_mm": 4.0}) for f in (0.25, 1.0)}
+    quarter, full = plans[0.25], plans[1.0]
+    assert quarter.unit == "cases" and len(quarter.train) == 3
+    assert set(quarter.val) == set(quarter.train)  # validation labels only from the given volumes
+    assert set(full.val) == set(ids[:10])
+    for cid in quarter.val:
+        np.testing.assert_array_equal(quarter.val[cid], full.val[cid])  # the same slab of a chosen volume
+        assert not set(quarter.val[cid].tolist()) & set(quarter.train[cid].tolist())
+    assert quarter.val_total_slices == sum(len(v) for v in full.val.values())
 
 
 def test_plan_cases_without_val_cuts_a_validation_slab():
@@ -234,6 +257,20 @@ def test_simulated_nodules_stay_in_the_organ_and_away_from_lesions():
     np.testing.assert_array_equal(again[1], centres)
 
 
+def test_simulated_nodules_lie_entirely_inside_the_allowed_slab():
+    image = np.full((40, 32, 32), 0.1, np.float32)
+    organ = np.zeros_like(image, bool)
+    organ[:, 4:28, 4:28] = True
+    allowed = np.zeros(40, bool)
+    allowed[10:20] = True  # a 40 mm slab; the nodules are 10-14 mm across
+    for seed in range(4):  # centres drawn near the slab's ends for several of these seeds
+        out, centres, _ = simulate_nodules(image, organ, (4.0, 2.0, 2.0), np.random.default_rng(seed), 3, (10.0, 14.0),
+                                           (0.5, 0.5), avoid_mm=4.0, allowed_slices=allowed)  # fmt: skip
+        changed = np.flatnonzero((out != image).any(axis=(1, 2)))
+        assert len(centres) == 3 and changed.size
+        assert allowed[changed].all(), (seed, changed)  # extent, not only the centre, inside the slab
+
+
 def test_slice_centre_heatmap_marks_every_visible_slice():
     heat = slice_centre_heatmap((12, 32, 32), np.array([[5.2, 10.0, 20.0]]), np.array([20.0]), (4.0, 2.0, 2.0))
     peaks = heat.reshape(12, -1).max(axis=1)
@@ -316,6 +353,11 @@ def test_runs_are_deterministic_by_seed(tmp_path, chest_store):
         torch.testing.assert_close(outs[0][k], outs[1][k])
     a = json.loads((tmp_path / "a" / "run.json").read_text(encoding="utf-8"))
     assert a["n_train_items"] == math.ceil(0.25 * a["n_train_items_total"])
+    # model selection with the fraction's validation labels only, counted in run.json and metrics.json
+    val = a["validation"]
+    assert val["rule"] == "label fraction" and val["n_val_slices"] == a["n_val_slices"]
+    assert val["n_val_slices"] == math.ceil(0.25 * val["n_val_slices_total"]) < val["n_val_slices_total"]
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text(encoding="utf-8"))["validation"] == val
 
 
 def test_frozen_mode_keeps_the_encoder(tmp_path, chest_store):
@@ -451,6 +493,30 @@ def test_detection_on_one_volume_with_slabs_and_real_lesions(tmp_path):
     rows = list(csv.DictReader(open(out / "detections.csv", encoding="utf-8")))
     lo, hi = case["roi_z_mm"][0]
     assert rows and all(lo - 1e-6 <= float(r["z_mm"]) <= hi + 1e-6 for r in rows)
+
+
+def test_simulated_nodules_stay_in_train_and_val_slabs_and_validation_follows_the_fraction(tmp_path):
+    img, _ = phantom(60, seed=7)
+    organ = np.zeros(img.shape, np.int64)
+    organ[:, 4:28, 4:28] = 1
+    store = write_store(tmp_path / "slices", "ct", [{"case_id": "scan", "image": img, "label": organ}])
+    world = store_index_to_world({"store_affine": store_affine().tolist(), "slice_axis": 2}, [[50.0, 16.0, 16.0]])[0]
+    table = tmp_path / "lesions.csv"
+    table.write_text("case_id,x_mm,y_mm,z_mm,diameter_mm\nscan," + ",".join(f"{v:.2f}" for v in world) + ",8\n", encoding="utf-8")
+    settings = {**TINY, "task": "les", "type": "detection", "dataset": "ct", "lesion_table": str(table),
+                "split": "slabs", "train_targets": "simulated",
+                "slabs": {"blocks": 2, "val_fraction": 0.25, "test_fraction": 0.25, "gap_mm": 4.0},
+                "simulate": {"organ": [1], "count": 8, "diameter_mm": [10.0, 14.0], "hu": [0.0, 100.0], "avoid_mm": 4.0}}
+    full = prepare_task_data(settings, store, 1.0, 0)
+    layout = full.plan.layout["scan"]
+    changed = np.flatnonzero((full.case("scan").image != img).any(axis=(1, 2)))
+    assert len(full.case("scan").extra["simulated_lesions"]) >= 4 and changed.size
+    # every simulated voxel lies in a train or val slab: none in a gap or a test slab
+    assert set(layout[changed]) <= {"train", "val"}, dict(zip(changed.tolist(), layout[changed]))
+    quarter = prepare_task_data(settings, store, 0.25, 0)
+    n_val = sum(len(v) for v in full.plan.val.values())
+    assert sum(len(v) for v in quarter.plan.val.values()) == math.ceil(0.25 * n_val) < n_val
+    assert set(quarter.plan.val["scan"].tolist()) <= set(full.plan.val["scan"].tolist())
 
 
 def test_ignore_real_lesions_masks_a_ball_around_each_real_lesion(tmp_path):

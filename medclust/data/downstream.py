@@ -13,7 +13,10 @@ store's resolution) and is deterministic given explicit seeds:
 - **Label fractions.** :func:`fraction_subset` draws one seeded permutation of the training
   items and keeps its first ``ceil(fraction * n)``: for a given seed the 25 % subset is inside
   the 50 % subset, which is inside 100 %. Items are cases when there are enough training cases
-  (``min_cases``), else labelled slices.
+  (``min_cases``), else labelled slices. The fraction holds for validation too
+  (:func:`apply_label_fraction`): a run at fraction f selects its model with labels of that
+  fraction only — validation slabs of the chosen training volumes, or the same nested share of
+  the validation cases/slices — never with labels the run was not given.
 - **Targets.** label groups (raw label values or names -> task classes), slice-level multi-label
   targets from masks, Gaussian centre heatmaps, simulated nodules.
 """
@@ -37,6 +40,7 @@ __all__ = [
     "SPLITS",
     "SplitPlan",
     "TaskCase",
+    "apply_label_fraction",
     "context_stack",
     "crop_box",
     "fraction_subset",
@@ -353,6 +357,8 @@ class SplitPlan:
         train_total: number of training items before the fraction.
         unit: ``cases`` or ``slices``: what the fraction subsampled.
         layout: ``{case_id: (S,) split name per slice}`` for slab-split volumes.
+        val_total_slices: validation slices before the fraction (``val`` holds those of the
+            fraction, see :func:`apply_label_fraction`).
     """
 
     train: dict[str, np.ndarray]
@@ -361,6 +367,7 @@ class SplitPlan:
     train_total: int
     unit: str
     layout: dict[str, np.ndarray] = field(default_factory=dict)
+    val_total_slices: int = 0
 
     @property
     def n_train(self) -> int:
@@ -476,23 +483,61 @@ def plan_splits(
     if strategy == "slabs" and fraction_unit == "cases":
         unit = "cases" if len(train) >= 2 else "slices"
 
-    train = {k: v for k, v in train.items() if len(v)}
-    if unit == "cases":
-        keys = sorted(train)
-        total = len(keys)
-        chosen = set(fraction_subset(keys, fraction, seed))
-        train = {k: v for k, v in train.items() if k in chosen}
-    else:
-        items = [(cid, int(s)) for cid in sorted(train) for s in train[cid]]
-        total = len(items)
-        chosen_items = fraction_subset(items, fraction, seed)
-        picked: dict[str, list[int]] = {}
-        for cid, s in chosen_items:
-            picked.setdefault(cid, []).append(s)
-        train = {cid: np.array(sorted(v), dtype=np.int64) for cid, v in sorted(picked.items())}
+    val_total = int(sum(len(v) for v in val.values()))
+    train, val, total = apply_label_fraction(train, val, unit, fraction, seed)
     if not train:
         raise MedclustError("finetune: no training items after splitting")
-    return SplitPlan(train=train, val=val, test=test, train_total=total, unit=unit, layout=layout)
+    return SplitPlan(
+        train=train, val=val, test=test, train_total=total, unit=unit, layout=layout, val_total_slices=val_total
+    )
+
+
+def _slice_subset(items: Mapping[str, np.ndarray], fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """The nested seeded ``fraction`` of all ``(case, slice)`` items, back as ``{case: slices}``."""
+    flat = [(cid, int(s)) for cid in sorted(items) for s in items[cid]]
+    picked: dict[str, list[int]] = {}
+    for cid, s in fraction_subset(flat, fraction, seed):
+        picked.setdefault(cid, []).append(s)
+    return {cid: np.array(sorted(v), dtype=np.int64) for cid, v in sorted(picked.items())}
+
+
+def apply_label_fraction(
+    train: Mapping[str, np.ndarray], val: Mapping[str, np.ndarray], unit: str, fraction: float, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Keep the label fraction of the training items and of the validation items.
+
+    A run at fraction f is given the labels of f of the data, for model selection as well as
+    for training (the 25 % run must not pick its weights with labels the 100 % run has):
+
+    - ``cases``: ``ceil(f * n)`` training cases. Validation slabs cut from training volumes are
+      kept for the chosen volumes only; validation cases of their own get the same nested rule.
+    - ``slices``: ``ceil(f * n)`` training slices and ``ceil(f * m)`` validation slices.
+
+    Both are nested over fractions for a given seed (0.25 ⊂ 0.5 ⊂ 1.0), and at fraction 1
+    nothing is dropped.
+
+    Args:
+        train: ``{case_id: slice indices}`` of all training items.
+        val: ``{case_id: slice indices}`` of all validation items.
+        unit: ``cases`` or ``slices``.
+        fraction: in (0, 1].
+        seed: run seed.
+
+    Returns:
+        ``(train, val, n_train_total)``: the kept items and the training items before the fraction
+        (in ``unit``).
+    """
+    train = {k: np.asarray(v) for k, v in train.items() if len(v)}
+    val = {k: np.asarray(v) for k, v in val.items() if len(v)}
+    if unit == "cases":
+        keys = sorted(train)
+        chosen = set(fraction_subset(keys, fraction, seed))
+        kept_val = {k: v for k, v in val.items() if k in chosen}
+        own = sorted(k for k in val if k not in train)  # validation cases that are not training volumes
+        kept_val.update({k: val[k] for k in fraction_subset(own, fraction, seed)})
+        return {k: v for k, v in train.items() if k in chosen}, dict(sorted(kept_val.items())), len(keys)
+    total = int(sum(len(v) for v in train.values()))
+    return _slice_subset(train, fraction, seed), _slice_subset(val, fraction, seed), total
 
 
 # -- 2.5D stacks and crops ------------------------------------------------------------------------
@@ -657,7 +702,8 @@ def simulate_nodules(
         intensity: (min, max) store intensity of nodule tissue (see :func:`hu_to_unit`).
         avoid: (M, 3) store indices (slice, row, col) to stay away from.
         avoid_mm: distance kept from ``avoid`` points and between nodules.
-        allowed_slices: optional (S,) bool; centres only on these slices (a split's slabs).
+        allowed_slices: optional (S,) bool: each whole nodule, soft edge included, lies on these
+            slices (a split's slabs), so none reaches across a gap into another split's slab.
         margin_mm: extra distance from the organ boundary.
         noise: std of the texture noise inside nodules.
 
@@ -669,8 +715,13 @@ def simulate_nodules(
     spacing = np.asarray(spacing, dtype=float)
     out = np.array(image, dtype=np.float32, copy=True)
     mask = np.asarray(organ_mask, dtype=bool)
-    if allowed_slices is not None:
-        mask = mask & np.asarray(allowed_slices, dtype=bool)[:, None, None]
+    allowed = np.ones(mask.shape[0], bool) if allowed_slices is None else np.asarray(allowed_slices, dtype=bool)
+    mask = mask & allowed[:, None, None]
+    # slices from each slice to the nearest slice a nodule must not touch (inf: none)
+    banned = np.flatnonzero(~allowed)
+    slices = np.arange(mask.shape[0])
+    room = np.abs(slices[:, None] - banned[None, :]).min(axis=1) if banned.size else np.full(mask.shape[0], np.inf)
+    in_plane = max(float(spacing[1:].mean()), 1e-6)
     centres: list[np.ndarray] = []
     diameters: list[float] = []
     if not mask.any() or count <= 0:
@@ -682,7 +733,10 @@ def simulate_nodules(
         tries += 1
         diameter = float(rng.uniform(*diameter_mm))
         radius = diameter / 2.0
-        ok = mask & (dist_in >= radius + margin_mm)
+        # the soft edge reaches rho < 1 + 0.5 px / radius and radii go up to 1.2 radius: centres
+        # whose slab leaves that much room along z, so the whole nodule stays inside
+        reach = int(np.floor((1.2 * radius + 0.6 * in_plane) / float(spacing[0])))
+        ok = mask & (dist_in >= radius + margin_mm) & (room > reach)[:, None, None]
         candidates = np.flatnonzero(ok)
         if candidates.size == 0:
             continue
@@ -697,6 +751,9 @@ def simulate_nodules(
         # signed distance (mm, approximately) inside the ellipsoid, for a 1-voxel soft edge
         rho = np.sqrt(sum(((grids[a] - centre[a]) * spacing[a] / radii[a]) ** 2 for a in range(3)))
         weight = np.clip((1.0 - rho) * radius / max(float(spacing[1:].mean()), 1e-6) + 0.5, 0.0, 1.0)
+        touched = lo[0] + np.flatnonzero(weight.reshape(weight.shape[0], -1).max(axis=1) > 0)
+        if not allowed[touched].all():  # guards the bound above
+            continue
         value = float(rng.uniform(*intensity))
         tissue = value + noise * rng.standard_normal(weight.shape)
         region = tuple(slice(lo[a], hi[a]) for a in range(3))

@@ -490,6 +490,8 @@ def evaluate_run(run_dir: str | Path, settings: Mapping[str, Any] | None = None)
         "seed": run.get("seed"),
         "mode": run.get("mode"),
         "trained_on": run.get("trained_on"),
+        # how model selection was done: validation labels of the run's fraction only, counted
+        "validation": run.get("validation"),
         "simulated": is_simulated(run),
         "primary_metric": PRIMARY_METRIC[task_type],
         "study_metrics": STUDY_METRICS[task_type],

@@ -331,15 +331,11 @@ def prepare_task_data(
 
 
 def _apply_fraction_to_plan(plan: SplitPlan, fraction: float, seed: int, settings: Mapping[str, Any]) -> SplitPlan:
-    from medclust.data.downstream import fraction_subset
+    """The label fraction of a detection plan (made at fraction 1 for the simulation): slices of
+    training and, alike, of validation (:func:`medclust.data.downstream.apply_label_fraction`)."""
+    from medclust.data.downstream import apply_label_fraction
 
-    items = [(cid, int(s)) for cid in sorted(plan.train) for s in plan.train[cid]]
-    chosen = fraction_subset(items, fraction, seed)
-    picked: dict[str, list[int]] = {}
-    for cid, s in chosen:
-        picked.setdefault(cid, []).append(s)
-    plan.train = {cid: np.array(sorted(v), dtype=np.int64) for cid, v in sorted(picked.items())}
-    plan.train_total = len(items)
+    plan.train, plan.val, plan.train_total = apply_label_fraction(plan.train, plan.val, "slices", fraction, seed)
     plan.unit = "slices"
     return plan
 
@@ -824,6 +820,12 @@ def _base_record(data: TaskData, s: Mapping[str, Any], init: str, fraction: floa
         "train_cases": sorted(plan.train),
         "val_cases": sorted(plan.val),
         "n_val_slices": int(sum(len(v) for v in plan.val.values())),
+        # model selection sees only labels of this run's fraction (README "Splits and label fractions")
+        "validation": {
+            "rule": "label fraction",
+            "n_val_slices": int(sum(len(v) for v in plan.val.values())),
+            "n_val_slices_total": int(plan.val_total_slices),
+        },
         "trained_on": data.trained_on,
         "notes": data.notes,
         "selection": {"metric": task.metric_name, "best_step": task.best_step, "best_value": task.best_value, "steps": task.max_steps},
