@@ -19,5 +19,7 @@ class BadInputError(MedclustError):
 
     def __init__(self, path: object, reason: str) -> None:
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        # One line whatever a library put in its message: the QC table is a TSV and the CLI
+        # prints one line per error.
+        self.reason = " ".join(str(reason).split())
+        super().__init__(f"{self.path}: {self.reason}")

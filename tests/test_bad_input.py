@@ -84,6 +84,38 @@ def _missing(folder: Path) -> tuple[str, str]:
     return "does_not_exist.nii.gz", ""
 
 
+def _label_almost_integer(folder: Path) -> tuple[str, str]:
+    image, _ = _good(folder, "almost")
+    label = phantom_label(phantom_ct((12, 10, 4))).astype(np.float32)
+    label[label == 2] = np.float32(2.0000002)  # the float32 just above 2, as resampling software leaves it
+    save_nifti(folder / "almost_seg.nii.gz", label, AFFINE)
+    return image, "almost_seg.nii.gz"
+
+
+def _label_negative(folder: Path) -> tuple[str, str]:
+    image, _ = _good(folder, "neg")
+    label = phantom_label(phantom_ct((12, 10, 4))).astype(np.int16)
+    label[0, 0, 0] = -1  # an "ignore" value some tools write
+    save_nifti(folder / "neg_seg.nii.gz", label, AFFINE, dtype=np.int16)
+    return image, "neg_seg.nii.gz"
+
+
+def _symlink_loop(folder: Path) -> tuple[str, str]:
+    os.symlink("loop.nii.gz", folder / "loop.nii.gz")
+    return "loop.nii.gz", ""
+
+
+def _broken_link(folder: Path) -> tuple[str, str]:
+    os.symlink("moved_away.nii.gz", folder / "linked.nii.gz")
+    return "linked.nii.gz", ""
+
+
+def _label_broken_link(folder: Path) -> tuple[str, str]:
+    image, _ = _good(folder, "lbl")
+    os.symlink("/archive/lbl_seg.nii.gz", folder / "lbl_link.nii.gz")
+    return image, "lbl_link.nii.gz"
+
+
 BAD = {
     "truncated": (_truncated, "truncated.nii.gz", r"truncated or corrupt file"),
     "not_an_image": (_not_an_image, "notes.nii.gz", r"not an image"),
@@ -94,6 +126,31 @@ BAD = {
     "label_affine": (_label_affine, "moved_wrong.nii.gz", r"label affine differs from image affine"),
     "label_float": (_label_float, "soft_prob.nii.gz", r"non-integer label values \(e.g. 0.5\)"),
     "missing": (_missing, "does_not_exist.nii.gz", r"file not found \(manifest.tsv row \d+\)"),
+    # every digit: 2.0000002 used to print as "2"
+    "label_almost_integer": (
+        _label_almost_integer, "almost_seg.nii.gz", r"non-integer label values \(e\.g\. 2\.0000002\); labels must be integers$"
+    ),
+    "label_negative": (
+        _label_negative,
+        "neg_seg.nii.gz",
+        r"negative label values \(e\.g\. -1\); labels must be 0 \(background\) or positive integers: remap the label file$",
+    ),
+    # a loop or a broken link used to read as "file not found"
+    "symlink_loop": (
+        _symlink_loop,
+        "loop.nii.gz",
+        r"symbolic link loop \(the link points to loop\.nii\.gz, which leads back to itself\) \(manifest\.tsv row \d+\)$",
+    ),
+    "broken_link": (
+        _broken_link,
+        "linked.nii.gz",
+        r"broken symbolic link \(its target moved_away\.nii\.gz does not exist\) \(manifest\.tsv row \d+\)$",
+    ),
+    "label_broken_link": (
+        _label_broken_link,
+        "lbl_link.nii.gz",
+        r"label file: broken symbolic link \(its target /archive/lbl_seg\.nii\.gz does not exist\) \(manifest\.tsv row \d+\)$",
+    ),
 }
 
 
@@ -209,3 +266,36 @@ def test_preprocess_of_a_bad_standalone_image_is_one_line(tmp_path, capsys):
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"medclust preprocess: error: {path}: constant image (every voxel is 0)"
     assert not (tmp_path / "flat.h5").exists()
+
+
+class _RunsCode:
+    """What a hostile encoder.pt carries: unpickling it would call os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this should never run",))
+
+
+def test_weights_files_that_cannot_be_loaded_are_one_line(tmp_path):
+    import torch
+
+    from medclust.models.heads import load_encoder_weights
+
+    good = {"w": torch.zeros(3)}
+    torch.save(good, tmp_path / "good.pt")
+    torch.save({"w": torch.zeros(3), "payload": _RunsCode()}, tmp_path / "encoder.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    encoder = torch.nn.Conv2d(1, 2, 3)
+    expected = {
+        "encoder.pt": "refused to load encoder weights: it would import posix.system, and loading such a file can run "
+        "arbitrary code (use weights written by medclust or torch.save of a plain state dict)",
+        "truncated.pt": "cannot load encoder weights: truncated or not a PyTorch file (PytorchStreamReader failed reading "
+        "zip archive: failed finding central directory)",
+        "empty.pt": "encoder weights: empty file (0 bytes)",
+        "nowhere.pt": "encoder weights: file not found",
+    }
+    for name, reason in expected.items():
+        with pytest.raises(BadInputError) as caught:
+            load_encoder_weights(encoder, tmp_path / name)
+        assert str(caught.value) == f"{tmp_path / name}: {reason}"

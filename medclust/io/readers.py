@@ -3,8 +3,9 @@
 Supported inputs:
 
 - 3D volumes: NIfTI (``.nii``, ``.nii.gz``) via nibabel; MetaImage/NRRD (``.mha``, ``.mhd``,
-  ``.nrrd``) via SimpleITK; a DICOM series (a folder) via SimpleITK's ``ImageSeriesReader``
-  (GDCM sorts the slices by position and applies the rescale slope/intercept, so CT is in HU).
+  ``.nrrd``) via SimpleITK; a DICOM series (a folder) via :mod:`medclust.io.dicom_series`
+  (every slice's header is checked: one series, one orientation, positions along the slice
+  normal unique and regular; GDCM applies the rescale slope/intercept, so CT is in HU).
 - 2D images: PNG/JPEG/BMP/TIFF via Pillow (colour is converted to luminance) and single-frame
   DICOM via pydicom (modality LUT applied, ``MONOCHROME1`` inverted so that bright = dense).
 
@@ -19,6 +20,11 @@ NIfTI is read with nibabel directly rather than through MONAI ``LoadImage``: ``L
 ``NibabelReader`` makes a C-ordered float32 copy of the whole volume, which on a 512x512x133 CT
 costs as much as the rest of preprocessing together. Here the on-disk dtype and memory order are
 kept; :mod:`medclust.preprocess.pipeline` converts once, after downsampling.
+
+Before any voxel is read, what the header claims is checked against the file and against
+``max_voxels`` (:mod:`medclust.io.header_checks`), and every affine is checked to be a geometry
+(finite, no zero voxel size, not singular): a broken header is one line naming the file and the
+reason, never a multi-gigabyte allocation or a crash later in preprocessing.
 """
 
 from __future__ import annotations
@@ -26,64 +32,32 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medclust.errors import BadInputError
+from medclust.io.dicom_series import modality_from_tag, read_dicom_series, series_uids
+from medclust.io.header_checks import check_itk_file, check_nifti_file, check_voxel_count
+from medclust.io.image import (
+    LPS_TO_RAS,
+    ImageData,
+    check_affine,
+    format_number,
+    path_problem,
+    read_failure,
+    sitk_array_view,
+    squeeze_trailing,
+)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
-# DICOM Modality values that are projection radiographs.
-_XR_MODALITIES = {"CR", "DX", "RG", "MG", "RF", "XA", "PX", "IO"}
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Compressed NIfTI files up to this size are read into memory whole (see read_nifti).
 _WHOLE_FILE_LIMIT = 1 << 30
-
-
-@dataclass
-class ImageData:
-    """One image as loaded.
-
-    Attributes:
-        array: voxel values in the file's own index order, trailing singleton axes removed;
-            2 dims (column, row) for a 2D image, 3 dims (x, y, z) for a volume.
-        affine: 4x4 voxel-index -> RAS world (mm) matrix for that index order (for a 2D image
-            the third index is the constant 0).
-        path: the file or folder read.
-        kind: ``nifti``, ``itk``, ``dicom_series``, ``dicom`` or ``image``.
-        modality: modality read from the file's header (DICOM), if any: CT, MR or XR.
-        meta: extra header facts worth recording (e.g. photometric interpretation).
-    """
-
-    array: np.ndarray
-    affine: np.ndarray
-    path: str
-    kind: str
-    modality: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_2d(self) -> bool:
-        """True for a single 2D image (radiograph, photo, single slice)."""
-        return self.array.ndim == 2
-
-    @property
-    def spacing(self) -> tuple[float, ...]:
-        """Voxel size in mm along each array axis (lengths of the affine's columns)."""
-        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return tuple(float(s) for s in norms[: self.array.ndim])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of ``array``."""
-        return tuple(int(s) for s in self.array.shape)
 
 
 def _lower_name(path: str | os.PathLike[str]) -> str:
@@ -112,8 +86,9 @@ def image_kind(path: str | os.PathLike[str]) -> str:
         BadInputError: the path does not exist or has no supported format.
     """
     p = Path(path)
-    if not p.exists():
-        raise BadInputError(path, "file not found")
+    problem = path_problem(p)
+    if problem is not None:
+        raise BadInputError(path, problem)
     if p.is_dir():
         return "dicom_series"
     name = _lower_name(p)
@@ -132,32 +107,7 @@ def image_kind(path: str | os.PathLike[str]) -> str:
     )
 
 
-def _squeeze_trailing(array: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
-    """Drop trailing singleton axes; refuse anything that is still more than 3D."""
-    shape = array.shape
-    while array.ndim > 2 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim > 3:
-        raise BadInputError(
-            path, f"{array.ndim}D image (shape {tuple(shape)}): only 2D images and 3D volumes are supported"
-        )
-    if array.ndim < 2 or min(array.shape) < 1:
-        raise BadInputError(path, f"not an image (shape {tuple(shape)})")
-    return array
-
-
-def _read_failure(path: str | os.PathLike[str], err: BaseException) -> BadInputError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if isinstance(err, gzip.BadGzipFile):
-        return BadInputError(path, f"not an image: not gzip-compressed ({reason})")
-    if type(err).__name__ == "ImageFileError":
-        return BadInputError(path, f"not an image: {reason[:200]}")
-    if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)) or "end-of-stream" in reason or "damaged" in str(err):
-        return BadInputError(path, f"truncated or corrupt file ({reason})")
-    return BadInputError(path, f"cannot read image ({type(err).__name__}: {reason[:200]})")
-
-
-def read_nifti(path: str | os.PathLike[str]) -> ImageData:
+def read_nifti(path: str | os.PathLike[str], max_voxels: int | None = None) -> ImageData:
     """Read a NIfTI file, keeping its on-disk dtype (scaled to float only if it has a slope).
 
     A ``.nii.gz`` up to ``_WHOLE_FILE_LIMIT`` bytes is read in one go, hashed (``meta["sha256"]``)
@@ -166,15 +116,17 @@ def read_nifti(path: str | os.PathLike[str]) -> ImageData:
 
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
+        max_voxels: the most voxels accepted (None: no limit); checked on the header first.
 
     Returns:
         The image; ``array`` is the (Fortran-ordered) voxel array in x, y, z order.
 
     Raises:
-        BadInputError: unreadable, truncated, not NIfTI, or more than 3D.
+        BadInputError: empty, not NIfTI, truncated, too large, invalid geometry, or more than 3D.
     """
     import nibabel as nib
 
+    check_nifti_file(path, max_voxels)
     meta: dict[str, Any] = {}
     try:
         if _lower_name(path).endswith(".gz") and os.path.getsize(path) <= _WHOLE_FILE_LIMIT:
@@ -191,8 +143,9 @@ def read_nifti(path: str | os.PathLike[str]) -> ImageData:
     except BadInputError:
         raise
     except Exception as err:  # nibabel/gzip raise many types for corrupt input
-        raise _read_failure(path, err) from err
-    array = _squeeze_trailing(array, path)
+        raise read_failure(path, err) from err
+    array = squeeze_trailing(array, path)
+    check_affine(affine, path, array.ndim)
     return ImageData(array=array, affine=affine, path=str(path), kind="nifti", meta=meta)
 
 
@@ -205,18 +158,16 @@ def _sitk_affine_ras(image: Any) -> np.ndarray:
     lps = np.eye(4)
     lps[:ndim, :ndim] = direction * spacing[None, :]
     lps[:ndim, 3] = origin
-    return _LPS_TO_RAS @ lps
+    return LPS_TO_RAS @ lps
 
 
 def _from_sitk(image: Any, path: str | os.PathLike[str], kind: str, modality: str | None) -> ImageData:
-    import SimpleITK as sitk
-
     if image.GetNumberOfComponentsPerPixel() != 1:
         components = image.GetNumberOfComponentsPerPixel()
         raise BadInputError(path, f"{components}-component (vector/colour) volume is not supported")
-    # SimpleITK arrays are (z, y, x) C-ordered; the transpose is an x, y, z view. A view of the
-    # image's own buffer (no copy of the volume): `meta["sitk_image"]` keeps that buffer alive.
-    array = sitk.GetArrayViewFromImage(image).T
+    # SimpleITK arrays are (z, y, x) C-ordered; the transpose is an x, y, z view of the image's
+    # own buffer (no copy of the volume) that keeps the image alive.
+    array = sitk_array_view(image)
     affine = _sitk_affine_ras(image)
     if image.GetDimension() == 2:
         full = np.eye(4)
@@ -225,108 +176,63 @@ def _from_sitk(image: Any, path: str | os.PathLike[str], kind: str, modality: st
         affine = full
     if image.GetDimension() > 3:
         raise BadInputError(path, f"{image.GetDimension()}D image: only 2D images and 3D volumes are supported")
-    array = _squeeze_trailing(array, path)
-    meta = {"sitk_image": image}
-    return ImageData(array=array, affine=affine, path=str(path), kind=kind, modality=modality, meta=meta)
+    array = squeeze_trailing(array, path)
+    check_affine(affine, path, array.ndim)
+    return ImageData(array=array, affine=affine, path=str(path), kind=kind, modality=modality)
 
 
-def read_itk(path: str | os.PathLike[str]) -> ImageData:
-    """Read a single-file image with SimpleITK (MetaImage, NRRD)."""
-    import SimpleITK as sitk
-
-    try:
-        image = sitk.ReadImage(str(path))
-    except Exception as err:
-        raise _read_failure(path, err) from err
-    return _from_sitk(image, path, "itk", None)
-
-
-def dicom_series_ids(folder: str | os.PathLike[str]) -> list[str]:
-    """SeriesInstanceUIDs of the DICOM series directly inside ``folder`` (not recursive)."""
-    import SimpleITK as sitk
-
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
-
-
-def _modality_from_tag(value: str | None) -> str | None:
-    if not value:
-        return None
-    value = str(value).upper().strip()
-    if value in ("CT", "MR"):
-        return value
-    if value in _XR_MODALITIES:
-        return "XR"
-    return None
-
-
-def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = None) -> ImageData:
-    """Read one DICOM series (a folder of slices) as a volume.
+def read_itk(path: str | os.PathLike[str], max_voxels: int | None = None) -> ImageData:
+    """Read a MetaImage or NRRD image with SimpleITK, after checking its header against the file.
 
     Args:
-        folder: folder holding the slices of the series.
-        series_uid: which series, if the folder holds several (default: the only one).
-
-    Returns:
-        The volume in x, y, z index order with its RAS affine; ``modality`` from the header.
+        path: ``.mha``, ``.mhd``, ``.nrrd`` or ``.nhdr``.
+        max_voxels: the most voxels accepted (None: no limit).
 
     Raises:
-        BadInputError: no series, several series and no ``series_uid``, or unreadable slices.
+        BadInputError: unreadable, truncated, too large, invalid geometry, or more than 3D.
     """
     import SimpleITK as sitk
 
-    ids = dicom_series_ids(folder)
-    if not ids:
-        raise BadInputError(folder, "no DICOM series found in folder")
-    if series_uid is None:
-        if len(ids) > 1:
-            raise BadInputError(folder, f"{len(ids)} DICOM series in one folder; give the series UID")
-        series_uid = ids[0]
-    elif series_uid not in ids:
-        raise BadInputError(folder, f"DICOM series {series_uid} not found")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+    check_itk_file(path, max_voxels)
     try:
-        image = reader.Execute()
+        image = sitk.ReadImage(str(path))
     except Exception as err:
-        raise _read_failure(folder, err) from err
-    modality = None
-    try:  # one header is enough for the modality (a per-slice metadata pass is not)
-        header = sitk.ImageFileReader()
-        header.SetFileName(files[0])
-        header.ReadImageInformation()
-        if header.HasMetaDataKey("0008|0060"):
-            modality = _modality_from_tag(header.GetMetaData("0008|0060"))
-    except Exception:  # metadata is optional; the volume itself was read
-        modality = None
-    data = _from_sitk(image, folder, "dicom_series", modality)
-    data.meta["num_files"] = len(files)
-    data.meta["series_uid"] = series_uid
-    return data
+        raise read_failure(path, err) from err
+    return _from_sitk(image, path, "itk", None)
 
 
-def read_dicom_2d(path: str | os.PathLike[str]) -> ImageData:
+def read_dicom_2d(path: str | os.PathLike[str], max_voxels: int | None = None) -> ImageData:
     """Read a single-frame DICOM image (radiograph) with pydicom.
 
     The modality LUT (rescale slope/intercept) is applied and ``MONOCHROME1`` images are
     inverted (``min + max - value``) so that, as for ``MONOCHROME2``, larger means brighter.
     Pixel spacing comes from ``PixelSpacing`` or, for projection radiographs,
-    ``ImagerPixelSpacing`` (row spacing first); 1 mm if neither is present.
+    ``ImagerPixelSpacing`` (row spacing first); 1 mm if neither is present. A spacing that is
+    present but zero, negative or not a number is an error, not 1 mm.
 
     Raises:
-        BadInputError: unreadable, no pixel data, or multi-frame.
+        BadInputError: unreadable, truncated, no pixel data, multi-frame, more than
+            ``max_voxels`` pixels, or an invalid pixel spacing.
     """
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
+    if os.path.getsize(path) == 0:
+        raise BadInputError(path, "empty image file (0 bytes)")
     try:
         ds = pydicom.dcmread(str(path))
-        pixels = ds.pixel_array
     except Exception as err:
-        raise _read_failure(path, err) from err
+        raise read_failure(path, err) from err
+    if "PixelData" not in ds:
+        raise BadInputError(path, "DICOM file without pixel data (not an image)")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
         raise BadInputError(path, f"multi-frame DICOM ({frames} frames) is not supported; convert it to NIfTI")
+    check_voxel_count(path, (int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0)), max_voxels)
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:
+        raise read_failure(path, err) from err
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if samples > 1:
         pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -340,29 +246,45 @@ def read_dicom_2d(path: str | os.PathLike[str]) -> ImageData:
     spacing = None
     for key in ("PixelSpacing", "ImagerPixelSpacing"):
         value = getattr(ds, key, None)
-        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
-            spacing = (float(value[0]), float(value[1]))
-            spacing_source = key
-            break
+        if value is None or value == "":
+            continue
+        items = [value] if isinstance(value, (str, bytes, int, float)) else list(value)
+        try:
+            numbers = [float(v) for v in items]
+        except (TypeError, ValueError):
+            numbers = []
+        if len(numbers) != 2 or not all(np.isfinite(v) and v > 0 for v in numbers):
+            shown = "\\".join(format_number(v) for v in numbers) if numbers else repr(str(value))
+            raise BadInputError(path, f"invalid geometry: {key} {shown} mm (each must be a positive number)")
+        spacing = (numbers[0], numbers[1])
+        spacing_source = key
+        break
     if spacing is None:
         spacing, spacing_source = (1.0, 1.0), "default 1 mm"
     # (row, column) pixel matrix -> MONAI's (x = column, y = row); DICOM spacing is row-first.
     affine = np.diag([spacing[1], spacing[0], 1.0, 1.0])
-    array = _squeeze_trailing(np.asarray(pixels).T, path)
-    modality = _modality_from_tag(getattr(ds, "Modality", None))
+    array = squeeze_trailing(np.asarray(pixels).T, path)
+    modality = modality_from_tag(getattr(ds, "Modality", None))
     meta = {"photometric": photometric, "spacing_source": spacing_source}
     return ImageData(array=array, affine=affine, path=str(path), kind="dicom", modality=modality, meta=meta)
 
 
-def read_image_2d(path: str | os.PathLike[str]) -> ImageData:
+def read_image_2d(path: str | os.PathLike[str], max_voxels: int | None = None) -> ImageData:
     """Read a PNG/JPEG/BMP/TIFF image (grey levels kept; colour converted to luminance).
 
     Such files carry no reliable physical spacing, so 1 mm per pixel is assumed.
+
+    Args:
+        path: the image file.
+        max_voxels: the most pixels accepted (None: no limit), checked before decoding.
     """
     from PIL import Image
 
+    if os.path.getsize(path) == 0:
+        raise BadInputError(path, "empty image file (0 bytes)")
     try:
         with Image.open(str(path)) as img:
+            check_voxel_count(path, tuple(img.size), max_voxels)
             img.load()
             if img.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "PA"):
                 img = img.convert("L")
@@ -372,35 +294,52 @@ def read_image_2d(path: str | os.PathLike[str]) -> ImageData:
     except BadInputError:
         raise
     except Exception as err:
-        raise _read_failure(path, err) from err
-    array = _squeeze_trailing(pixels.T, path)
+        raise read_failure(path, err) from err
+    array = squeeze_trailing(pixels.T, path)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     return ImageData(array=array, affine=affine, path=str(path), kind="image", meta={"spacing_source": "default 1 mm"})
 
 
-def load_image(path: str | os.PathLike[str], series_uid: str | None = None) -> ImageData:
+def load_image(
+    path: str | os.PathLike[str],
+    series_uid: str | None = None,
+    *,
+    max_voxels: int | None = None,
+    resample_gaps: bool = False,
+) -> ImageData:
     """Load any supported image (see the module docstring).
 
     Args:
         path: a file, or a folder holding one DICOM series.
         series_uid: DICOM series to read when the folder holds several.
+        max_voxels: the most voxels accepted, checked on the header before reading (None: no
+            limit).
+        resample_gaps: a DICOM series with missing slices or irregular spacing is resampled
+            onto a regular grid at its true slice positions instead of being refused.
 
     Returns:
         The image with its RAS affine.
 
     Raises:
-        BadInputError: missing, unsupported, unreadable or more than 3D.
+        BadInputError: missing, unsupported, unreadable, truncated, too large, invalid geometry
+            or more than 3D (:class:`~medclust.io.dicom_series.DicomGapError` for a series
+            with gaps when ``resample_gaps`` is False).
     """
     kind = image_kind(path)
     if kind == "nifti":
-        return read_nifti(path)
+        return read_nifti(path, max_voxels)
     if kind == "itk":
-        return read_itk(path)
+        return read_itk(path, max_voxels)
     if kind == "dicom_series":
-        return read_dicom_series(path, series_uid)
+        return read_dicom_series(path, series_uid, resample_gaps=resample_gaps, max_voxels=max_voxels)
     if kind == "dicom":
-        return read_dicom_2d(path)
-    return read_image_2d(path)
+        return read_dicom_2d(path, max_voxels)
+    return read_image_2d(path, max_voxels)
+
+
+def dicom_series_ids(folder: str | os.PathLike[str]) -> list[str]:
+    """SeriesInstanceUIDs of the DICOM series directly inside ``folder`` (not recursive), sorted."""
+    return series_uids(folder)
 
 
 __all__ = [

@@ -9,17 +9,23 @@ Formats (``datasets.<name>.format``):
 - ``manifest``: a CSV (``.csv``) or TSV (``.tsv``, ``.txt``) table, one row per case, columns:
   ``image`` (required), ``label``, ``modality``, ``class_label``, ``split`` (train/val/test),
   ``case_id``, ``group`` (or ``source_case``/``patient_id``: cases of one group share a
-  split), ``simulated`` (all optional). Relative paths are resolved against the manifest's
-  folder. An image may be a NIfTI/MHA/NRRD file, a 2D image, or a folder holding a DICOM series.
+  split), ``simulated``, ``series_uid`` (the DICOM series to read when an image folder holds
+  several) (all optional). Relative paths are resolved against the manifest's folder. An image
+  may be a NIfTI/MHA/NRRD file, a 2D image, or a folder holding a DICOM series.
 - ``dicom``: a folder whose sub-folders (at any depth) each hold one DICOM series, or a folder
   that is itself one series. A one-file series is read as a 2D image (radiograph).
 - ``images``: a folder (searched recursively) of 2D PNG/JPEG/TIFF/DICOM images.
 - ``drr``: the manifest of radiographs simulated from another dataset
   (``results/drr/{dataset}/manifest.tsv``), manifest format with ``simulated`` true by default.
 
-Problems with one row (a missing file, an unknown modality) are attached to that case as
-``error`` so that ingest can skip or fail per ``on_bad_input``; problems with the dataset itself
-(no folder, unreadable manifest, no ``image`` column) raise :class:`BadInputError`.
+Problems with one row (a missing file, a broken symbolic link, an unknown modality) are
+attached to that case as ``error`` so that ingest can skip or fail per ``on_bad_input``; problems
+with the dataset itself (no folder, unreadable manifest, no ``image`` column) raise
+:class:`BadInputError`.
+
+Case ids are file-name safe and unique (:mod:`medclust.io.case_ids`: transliterated, with a
+short hash of the name where different names collide); two cases with the very same name are
+left as duplicates for ingest to report.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from medclust.errors import BadInputError
+from medclust.io.case_ids import make_case_ids_unique, name_hash, sanitize_case_id
+from medclust.io.image import path_problem
 from medclust.io.readers import (
     DICOM_SUFFIXES,
     IMAGE_2D_SUFFIXES,
@@ -73,7 +81,10 @@ class CaseEntry:
         series_uid: DICOM series to read when ``image`` is a folder holding several.
         group: cases with the same group (patient; the CT a radiograph was simulated from)
             always land in the same split.
+        resample_gaps: the DICOM series has missing slices or irregular spacing and is
+            resampled onto a regular grid when read (``dicom_gaps: resample``; set by ingest).
         error: a problem found during discovery (missing file, bad value); ingest reports it.
+        source_name: the name the id was made from (not written; keeps ids unique).
     """
 
     case_id: str
@@ -85,7 +96,9 @@ class CaseEntry:
     simulated: bool = False
     series_uid: str | None = None
     group: str | None = None
+    resample_gaps: bool = False
     error: BadInputError | None = field(default=None, compare=False)
+    source_name: str | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The case as written to ``results/cases/{dataset}.json`` (contract keys)."""
@@ -103,6 +116,8 @@ class CaseEntry:
             record["series_uid"] = self.series_uid
         if self.group is not None:
             record["group"] = self.group
+        if self.resample_gaps:
+            record["resample_gaps"] = True
         return record
 
     @classmethod
@@ -118,13 +133,8 @@ class CaseEntry:
             simulated=bool(record.get("simulated", False)),
             series_uid=record.get("series_uid"),
             group=record.get("group"),
+            resample_gaps=bool(record.get("resample_gaps", False)),
         )
-
-
-def sanitize_case_id(name: str) -> str:
-    """Turn a file or folder name into a case id usable in file names and wildcards."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
-    return cleaned or "case"
 
 
 def strip_image_suffix(name: str) -> str:
@@ -188,10 +198,17 @@ def _resolve(base: Path, value: str) -> str:
     return os.path.normpath(p if p.is_absolute() else base / p)
 
 
+def _label_problem(problem: str) -> str:
+    return "label file not found" if problem == "file not found" else f"label file: {problem}"
+
+
 def _require_path(path: str | os.PathLike[str], what: str) -> Path:
     p = Path(path)
-    if not p.exists():
+    problem = path_problem(p)
+    if problem == "file not found":
         raise BadInputError(path, f"{what} not found")
+    if problem is not None:
+        raise BadInputError(path, f"{what}: {problem}")
     return p
 
 
@@ -240,19 +257,24 @@ def read_manifest(
         image_value = row.get("image") or ""
         where = f"{manifest.name} row {row_number}"
         if not image_value:
+            name = row.get("case_id") or f"row{row_number}"
             entries.append(
                 CaseEntry(
-                    case_id=sanitize_case_id(row.get("case_id") or f"row{row_number}"),
+                    case_id=sanitize_case_id(name),
                     image=str(manifest),
                     error=BadInputError(manifest, f"row {row_number}: empty 'image' value"),
+                    source_name=name,
                 )
             )
             continue
         image = _resolve(base, image_value)
         label = _resolve(base, row["label"]) if row.get("label") else None
-        case_id = sanitize_case_id(row.get("case_id") or strip_image_suffix(Path(image).name))
+        name = row.get("case_id") or strip_image_suffix(Path(image).name)
         group = row.get("group") or row.get("source_case") or row.get("patient_id") or None
-        entry = CaseEntry(case_id=case_id, image=image, label=label, group=group)
+        entry = CaseEntry(
+            case_id=sanitize_case_id(name), image=image, label=label, group=group,
+            series_uid=row.get("series_uid") or None, source_name=name,
+        )
         try:
             entry.modality = normalise_modality(row.get("modality")) or normalise_modality(modality)
             entry.split = normalise_split(row.get("split"))
@@ -260,10 +282,10 @@ def read_manifest(
             entry.simulated = _parse_bool(row.get("simulated"), simulated_default)
         except ValueError as err:
             entry.error = BadInputError(image, f"{err} ({where})")
-        if entry.error is None and not Path(image).exists():
-            entry.error = BadInputError(image, f"file not found ({where})")
-        if entry.error is None and label is not None and not Path(label).exists():
-            entry.error = BadInputError(label, f"label file not found ({where})")
+        if entry.error is None and (problem := path_problem(image)) is not None:
+            entry.error = BadInputError(image, f"{problem} ({where})")
+        if entry.error is None and label is not None and (problem := path_problem(label)) is not None:
+            entry.error = BadInputError(label, f"{_label_problem(problem)} ({where})")
         entries.append(entry)
     return entries
 
@@ -320,22 +342,32 @@ def discover_msd(folder: str | os.PathLike[str], modality: str | None = None) ->
             if image.name.startswith(".") or not image.name.lower().endswith(NIFTI_SUFFIXES):
                 continue
             label = labels_dir / image.name
-            pairs.append((os.path.normpath(image), os.path.normpath(label) if label.exists() else None))
+            # lexists: a broken symbolic link to a label is reported, not read as "no label"
+            pairs.append((os.path.normpath(image), os.path.normpath(label) if os.path.lexists(label) else None))
     dataset_modality = normalise_modality(modality) or _msd_modality(meta)
     entries = []
     for image, label in pairs:
-        case_id = sanitize_case_id(strip_image_suffix(Path(image).name))
-        entry = CaseEntry(case_id=case_id, image=image, label=label, modality=dataset_modality)
-        if not Path(image).exists():
-            entry.error = BadInputError(image, "file not found (listed in dataset.json)")
-        elif label is not None and not Path(label).exists():
-            entry.error = BadInputError(label, "label file not found (listed in dataset.json)")
+        name = strip_image_suffix(Path(image).name)
+        entry = CaseEntry(case_id=sanitize_case_id(name), image=image, label=label, modality=dataset_modality, source_name=name)
+        if (problem := path_problem(image)) is not None:
+            entry.error = BadInputError(image, f"{problem} (listed in dataset.json)")
+        elif label is not None and (problem := path_problem(label)) is not None:
+            entry.error = BadInputError(label, f"{_label_problem(problem)} (listed in dataset.json)")
         entries.append(entry)
     return entries
 
 
-def _dicom_files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)]
+def _dicom_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """DICOM files directly in ``folder``, and entries that cannot be opened (broken links)."""
+    files, broken = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if path_problem(p) is not None:
+            broken.append(p)
+        elif p.is_file() and is_dicom_file(p):
+            files.append(p)
+    return files, broken
 
 
 def discover_dicom(folder: str | os.PathLike[str], modality: str | None = None) -> list[CaseEntry]:
@@ -344,42 +376,47 @@ def discover_dicom(folder: str | os.PathLike[str], modality: str | None = None) 
     A folder that directly holds the slices of one series is one case named after the folder.
     A folder holding several series yields one case per series (``_s0``, ``_s1`` ... by UID).
     A one-file series is a 2D image and is read with pydicom (``MONOCHROME1`` handled).
+    Symbolic links to folders are followed (each real folder once). A folder with an entry that
+    cannot be opened (a broken symbolic link, a link loop) is one case whose QC reports it,
+    never a series silently missing a slice.
 
     Raises:
         BadInputError: the folder is missing.
     """
     root = _require_path(folder, "DICOM folder")
     if root.is_file():
-        case_id = sanitize_case_id(strip_image_suffix(root.name))
-        return [CaseEntry(case_id=case_id, image=os.path.normpath(root), modality=normalise_modality(modality))]
+        name = strip_image_suffix(root.name)
+        return [CaseEntry(case_id=sanitize_case_id(name), image=os.path.normpath(root), modality=normalise_modality(modality), source_name=name)]
     dataset_modality = normalise_modality(modality)
     entries: list[CaseEntry] = []
-    for dirpath, dirnames, _ in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
-        files = _dicom_files(here)
-        if not files:
+        files, broken = _dicom_files(here)
+        if not files and not broken:
             continue
         rel = here.relative_to(root)
-        base = sanitize_case_id(root.name if str(rel) == "." else "_".join(rel.parts))
-        uids = sorted(dicom_series_ids(here))
-        if not uids:
-            problem = BadInputError(here, "DICOM files but no readable series")
-            entries.append(CaseEntry(case_id=base, image=os.path.normpath(here), modality=dataset_modality, error=problem))
+        name = root.name if str(rel) == "." else "_".join(rel.parts)
+        base = sanitize_case_id(name)
+        uids = dicom_series_ids(here) if files else []
+        if broken or len(uids) <= 1:
+            # One case; reading it reports broken links, unreadable files or a missing series.
+            image = files[0] if len(files) == 1 and not broken else here
+            entries.append(CaseEntry(case_id=base, image=os.path.normpath(image), modality=dataset_modality, source_name=name))
             continue
         for k, uid in enumerate(uids):
-            case_id = base if len(uids) == 1 else f"{base}_s{k}"
-            if len(files) == 1:
-                entries.append(CaseEntry(case_id=case_id, image=os.path.normpath(files[0]), modality=dataset_modality))
-            else:
-                entries.append(
-                    CaseEntry(
-                        case_id=case_id,
-                        image=os.path.normpath(here),
-                        modality=dataset_modality,
-                        series_uid=uid if len(uids) > 1 else None,
-                    )
+            entries.append(
+                CaseEntry(
+                    case_id=f"{base}_s{k}", image=os.path.normpath(here), modality=dataset_modality,
+                    series_uid=uid, source_name=f"{name}_s{k}",
                 )
+            )
     return entries
 
 
@@ -410,8 +447,8 @@ def discover_images(folder: str | os.PathLike[str], modality: str | None = "XR")
     entries = []
     for p in candidates:
         rel = p.relative_to(root)
-        case_id = sanitize_case_id("_".join((*rel.parts[:-1], strip_image_suffix(rel.name))))
-        entries.append(CaseEntry(case_id=case_id, image=os.path.normpath(p), modality=dataset_modality))
+        name = "_".join((*rel.parts[:-1], strip_image_suffix(rel.name)))
+        entries.append(CaseEntry(case_id=sanitize_case_id(name), image=os.path.normpath(p), modality=dataset_modality, source_name=name))
     return entries
 
 
@@ -424,7 +461,7 @@ def discover(settings: Mapping[str, Any]) -> list[CaseEntry]:
             manifest written by the radiograph simulation.
 
     Returns:
-        The entries in a stable order.
+        The entries in a stable order, with unique ids (:func:`make_case_ids_unique`).
 
     Raises:
         BadInputError: the dataset itself is unusable (missing path, bad manifest).
@@ -441,14 +478,17 @@ def discover(settings: Mapping[str, Any]) -> list[CaseEntry]:
     except ValueError as err:
         raise BadInputError(name, str(err)) from err
     if fmt == "msd":
-        return discover_msd(path, modality)
-    if fmt == "manifest":
-        return read_manifest(path, modality)
-    if fmt == "drr":
-        return read_manifest(path, modality or "XR", simulated_default=True)
-    if fmt == "dicom":
-        return discover_dicom(path, modality)
-    return discover_images(path, modality or "XR")
+        entries = discover_msd(path, modality)
+    elif fmt == "manifest":
+        entries = read_manifest(path, modality)
+    elif fmt == "drr":
+        entries = read_manifest(path, modality or "XR", simulated_default=True)
+    elif fmt == "dicom":
+        entries = discover_dicom(path, modality)
+    else:
+        entries = discover_images(path, modality or "XR")
+    make_case_ids_unique(entries)
+    return entries
 
 
 __all__ = [
@@ -459,6 +499,8 @@ __all__ = [
     "discover_dicom",
     "discover_images",
     "discover_msd",
+    "make_case_ids_unique",
+    "name_hash",
     "normalise_modality",
     "normalise_split",
     "read_manifest",

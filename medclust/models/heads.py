@@ -25,6 +25,7 @@ from monai.networks.nets.resnet import ResNetEncoder
 from torch import nn
 
 from medclust.errors import MedclustError
+from medclust.io.weights import load_weights_file
 from medclust.models.encoder import backbone_channels
 
 HEATMAP_PRIOR = 0.01
@@ -94,10 +95,7 @@ def load_encoder_weights(
         state = dict(source)
     else:
         name = str(source)
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as err:
-            raise MedclustError(f"{name}: cannot load encoder weights: {err}") from err
+        state = load_weights_file(source, "encoder weights")
         if not isinstance(state, Mapping):
             raise MedclustError(f"{name}: expected a state dict, got {type(state).__name__}")
     first = next((v for v in encoder.state_dict().values() if v.ndim >= 3), None)

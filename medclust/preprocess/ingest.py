@@ -1,14 +1,21 @@
 """Ingest one dataset: discover its cases, check each one (QC), write the QC table and case list.
 
 Every case is read once (header and voxels) and must be: readable (not truncated, an image at
-all), 2D or 3D (trailing singleton axes are ignored), free of NaN/Inf, not constant, with a known
-modality; its label map (if any) must be readable, on exactly the image's grid (shape and
-affine) and hold integer values; case ids must be unique and manifest paths must exist.
+all; the header's claimed size is checked against the file and ``max_voxels`` before any voxel
+is read), 2D or 3D (trailing singleton axes are ignored), with a valid geometry (finite,
+non-singular affine, no zero voxel size), free of NaN/Inf, not constant, with a known
+modality; a DICOM series must be one series with one orientation and slice positions that are
+unique and regular along the slice normal (:mod:`medclust.io.dicom_series`); its label map (if
+any) must be readable, on exactly the image's grid (shape and affine) and hold non-negative
+integer values; case ids must be unique and manifest paths must exist.
 
 A failing case is one line, ``path: reason`` (:class:`BadInputError`). With
 ``on_bad_input: fail`` the first one stops the ingest; with ``skip`` it is recorded in the QC
-table (status ``skipped``) and left out of the case list. A dataset with no cases, or with no
-case that passes, is an error either way.
+table (status ``skipped``) and left out of the case list. A DICOM series with missing slices or
+irregular spacing follows ``dicom_gaps`` instead when that is set: ``fail`` stops, ``skip``
+skips the case, ``resample`` keeps it (status ``ok``, the reason column says what was
+resampled) and marks it ``resample_gaps`` so that preprocessing reads it the same way. A
+dataset with no cases, or with no case that passes, is an error either way.
 
 Outputs (both written atomically, only when the ingest succeeds):
 
@@ -34,12 +41,15 @@ import numpy as np
 
 from medclust.errors import BadInputError, MedclustError
 from medclust.io.atomic import write_json_atomic, write_text_atomic
+from medclust.io.dicom_series import DicomGapError
+from medclust.io.image import format_number
 from medclust.io.readers import ImageData, load_image
 from medclust.io.sources import CaseEntry, discover
 
 log = logging.getLogger(__name__)
 
 QC_COLUMNS = ("case_id", "path", "status", "reason", "modality", "shape", "spacing_mm")
+DICOM_GAP_POLICIES = ("fail", "skip", "resample")
 
 
 @dataclass
@@ -78,7 +88,7 @@ def _check_values(data: ImageData) -> None:
         raise BadInputError(data.path, f"unsupported voxel type {array.dtype}")
     lo, hi = array.min(), array.max()
     if lo == hi:
-        raise BadInputError(data.path, f"constant image (every voxel is {lo.item():g})")
+        raise BadInputError(data.path, f"constant image (every voxel is {format_number(lo)})")
 
 
 def _check_label(label: ImageData, image: ImageData) -> None:
@@ -96,30 +106,40 @@ def _check_label(label: ImageData, image: ImageData) -> None:
             raise BadInputError(label.path, "non-finite label values (NaN/Inf)")
         fractional = values != np.rint(values)
         if fractional.any():
-            example = float(values[fractional].flat[0])
-            raise BadInputError(label.path, f"non-integer label values (e.g. {example:g}); labels must be integers")
+            # every digit the value has: 2.0000002 must not read as "2"
+            example = format_number(values[fractional].flat[0])
+            raise BadInputError(label.path, f"non-integer label values (e.g. {example}); labels must be integers")
     elif values.dtype.kind not in "biu":
         raise BadInputError(label.path, f"unsupported label type {values.dtype}")
-    lo, hi = float(values.min()), float(values.max())
-    if lo < np.iinfo(np.int16).min or hi > np.iinfo(np.int16).max:
-        raise BadInputError(label.path, f"label values {lo:g}..{hi:g} outside the int16 range")
+    lo, hi = values.min(), values.max()
+    if lo < 0:
+        raise BadInputError(
+            label.path,
+            f"negative label values (e.g. {format_number(lo)}); labels must be 0 (background) or positive integers: "
+            "remap the label file",
+        )
+    if hi > np.iinfo(np.int16).max:
+        raise BadInputError(label.path, f"label values up to {format_number(hi)}, outside the int16 range")
 
 
-def check_case(entry: CaseEntry) -> tuple[ImageData, ImageData | None]:
+def check_case(entry: CaseEntry, max_voxels: int | None = None) -> tuple[ImageData, ImageData | None]:
     """Read one case and run every QC check on it.
 
     Args:
-        entry: the discovered case; its ``modality`` is filled from a DICOM header if unset.
+        entry: the discovered case; its ``modality`` is filled from a DICOM header if unset; a
+            DICOM series is resampled across gaps if its ``resample_gaps`` is set.
+        max_voxels: the most voxels an image may have (checked on the header before reading).
 
     Returns:
         The loaded image and label (the caller may drop them).
 
     Raises:
+        DicomGapError: a DICOM series with missing slices or irregular spacing (not resampled).
         BadInputError: the first check that fails, naming the file and the reason.
     """
     if entry.error is not None:
         raise entry.error
-    image = load_image(entry.image, entry.series_uid)
+    image = load_image(entry.image, entry.series_uid, max_voxels=max_voxels, resample_gaps=entry.resample_gaps)
     _check_values(image)
     if entry.modality is None:
         entry.modality = image.modality
@@ -127,7 +147,7 @@ def check_case(entry: CaseEntry) -> tuple[ImageData, ImageData | None]:
         raise BadInputError(entry.image, "modality unknown: set `modality` for the dataset or a manifest column")
     label = None
     if entry.label:
-        label = load_image(entry.label)
+        label = load_image(entry.label, max_voxels=max_voxels)
         _check_label(label, image)
     return image, label
 
@@ -164,7 +184,8 @@ def ingest_dataset(
 
     Args:
         settings: the dataset's resolved config entry (``name``, ``format``, ``path``,
-            ``modality``; ``on_bad_input`` if not given separately).
+            ``modality``; ``on_bad_input`` if not given separately; ``max_voxels`` and
+            ``dicom_gaps``, schema defaults if absent).
         qc_path: the QC table to write (``results/qc/{dataset}.tsv``).
         cases_path: the case list to write (``results/cases/{dataset}.json``).
         on_bad_input: ``fail`` or ``skip`` (default: ``settings["on_bad_input"]``, else skip).
@@ -173,11 +194,19 @@ def ingest_dataset(
         One QC record per discovered case.
 
     Raises:
-        BadInputError: a bad case under ``fail``, an empty dataset, or no usable case.
+        BadInputError: a bad case under ``fail`` (or a DICOM gap under ``dicom_gaps: fail``),
+            an empty dataset, or no usable case.
     """
+    from medclust.config import load_schema
+
     mode = on_bad_input or settings.get("on_bad_input", "skip")
     if mode not in ("fail", "skip"):
         raise MedclustError(f"on_bad_input must be 'fail' or 'skip', got {mode!r}")
+    defaults = load_schema()["properties"]
+    gaps = settings.get("dicom_gaps") or mode
+    if gaps not in DICOM_GAP_POLICIES:
+        raise MedclustError(f"dicom_gaps must be one of {', '.join(DICOM_GAP_POLICIES)}, got {gaps!r}")
+    max_voxels = settings.get("max_voxels", defaults["max_voxels"]["default"])
     name = str(settings.get("name", Path(str(settings.get("path", "dataset"))).stem))
     source = settings.get("path", name)
     entries = discover(settings)
@@ -189,14 +218,21 @@ def ingest_dataset(
     for number, entry in enumerate(entries, start=1):
         t0 = time.perf_counter()
         try:
-            image, _ = check_case(entry)
+            try:
+                image, _ = check_case(entry, max_voxels)
+            except DicomGapError:
+                if gaps != "resample":
+                    raise
+                entry.resample_gaps = True
+                image, _ = check_case(entry, max_voxels)
         except BadInputError as err:
-            if mode == "fail":
+            stop = gaps == "fail" if isinstance(err, DicomGapError) else mode == "fail"
+            if stop:
                 raise
             log.warning("%s case %d/%d %s skipped: %s", name, number, len(entries), entry.case_id, err)
             records.append(QCRecord(entry, "skipped", err.reason, error=err))
             continue
-        records.append(QCRecord(entry, "ok", "", image.shape, image.spacing))
+        records.append(QCRecord(entry, "ok", image.meta.get("resampled", ""), image.shape, image.spacing))
         log.info(
             "%s case %d/%d %s ok: %s %s (%.1f s)",
             name,

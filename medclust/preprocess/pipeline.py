@@ -441,7 +441,7 @@ def preprocess_case(
     entry = case if isinstance(case, CaseEntry) else CaseEntry.from_dict(case)
     prep = settings if isinstance(settings, PreprocessSettings) else PreprocessSettings.from_dict(settings)
     started = time.perf_counter()
-    image = load_image(entry.image, entry.series_uid)
+    image = load_image(entry.image, entry.series_uid, resample_gaps=entry.resample_gaps)
     label = load_image(entry.label) if entry.label else None
     loaded = time.perf_counter()
     modality = entry.modality or image.modality

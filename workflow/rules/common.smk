@@ -157,7 +157,7 @@ def example_inputs(wildcards):
 # Training rules start their command with the launch prefix so that one rule works on a laptop,
 # on one or several GPUs of a node and across nodes:
 #     params: launch=lambda wildcards, resources, threads: launch_prefix(resources, threads),
-#     shell: "{params.launch}medclust pretrain ... > {log} 2>&1"
+#     shell: "{params.launch}medclust pretrain ... > {log:q} 2>&1"
 import os
 import re
 
@@ -276,9 +276,13 @@ def rule_threads(name, default):
 
 
 def ingest_settings(dataset):
-    """dataset_settings plus what ingest needs: on_bad_input, and the manifest of a drr dataset."""
+    """dataset_settings plus what ingest needs: on_bad_input, max_voxels, dicom_gaps (the
+    dataset's own, else the top-level one), and the manifest of a drr dataset."""
     settings = dataset_settings(dataset)
     settings["on_bad_input"] = config["on_bad_input"]
+    settings["max_voxels"] = config["max_voxels"]
+    if settings.get("dicom_gaps") is None:
+        settings["dicom_gaps"] = config.get("dicom_gaps")
     if settings["format"] == "drr":
         settings["path"] = f"{RESULTS}/drr/{dataset}/manifest.tsv"
     return settings

@@ -24,7 +24,7 @@ rule fetch_demo:
     conda:
         MEDCLUST_ENV
     shell:
-        "medclust fetch-demo --item {wildcards.item} --dest {params.dest:q} --cache {params.cache:q} > {log} 2>&1"
+        "medclust fetch-demo --item {wildcards.item:q} --dest {params.dest:q} --cache {params.cache:q} > {log:q} 2>&1"
 
 
 rule simulate_radiographs:
@@ -46,7 +46,7 @@ rule simulate_radiographs:
         MEDCLUST_ENV
     shell:
         "medclust simulate-drr --cases {input.cases:q} --out-dir {params.out_dir:q} "
-        "--settings {params.settings:q} > {log} 2>&1"
+        "--settings {params.settings:q} > {log:q} 2>&1"
 
 
 # --- demo data and simulated radiographs (end) -------------------------------------------------
