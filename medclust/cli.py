@@ -263,7 +263,7 @@ def _cmd_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="score a fine-tuning run folder: metrics.json + per_case.csv")
     p.add_argument("--run", type=Path, required=True, help="results/finetune/{task}/{init}/{fraction}/{seed}")
     p.add_argument("--settings", type=settings_arg, default={},
-                   help="fallback detection options (min_hit_radius_mm, fp_rates) as JSON or @file; run.json's win")
+                   help="fallback detection options (min_hit_radius_mm, min_diameter_mm, fp_rates) as JSON or @file; run.json's win")
 
     def run(args: argparse.Namespace) -> None:
         from medclust.evaluate import evaluate_run
