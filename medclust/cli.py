@@ -1,7 +1,8 @@
 """``medclust <stage> ...``: the command line the Snakemake rules call.
 
-Thin by design: parse arguments, call the stage's API, turn a :class:`MedclustError` into one
-line on stderr and exit code 2. ``--verbose`` shows the traceback instead.
+Thin by design: parse arguments, call the stage's API, turn a :class:`MedclustError` (and a full
+disk) into one line on stderr and exit code 2, any other error into one line and exit code 1.
+``--verbose`` shows the traceback instead.
 Stages register a ``_cmd_<name>(sub)`` function below that adds its parser and sets ``func``.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from medclust import __version__
-from medclust.errors import MedclustError
+from medclust.errors import DiskFullError, MedclustError
 
 log = logging.getLogger("medclust")
 
@@ -473,15 +474,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except MedclustError as err:
-        if args.verbose:
-            raise
-        print(f"medclust {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"medclust {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line and an exit status, never a hang
+        if args.verbose:
+            raise
+        code, message = describe_error(err)
+        print(f"medclust {args.command}: error: {message}", file=sys.stderr)
+        return code
     return 0
+
+
+def describe_error(err: BaseException) -> tuple[int, str]:
+    """Exit status and one-line message for an error that ends a command.
+
+    :class:`MedclustError` (bad input, bad config, disk full) exits 2 with its message; a full
+    disk raised by any library is reported the same way; any other error (a bug) exits 1 with
+    its type and first line. An error raised in a DataLoader worker reaches the main process
+    with the worker's traceback as its message (torch): the message is the traceback's last line.
+
+    Args:
+        err: the exception.
+
+    Returns:
+        ``(exit status, message)``; the message has no line breaks.
+    """
+    from medclust.io.atomic import is_disk_full
+
+    text, name, where = str(err), type(err).__name__, ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if "Original Traceback" in text and lines:
+        where = " (in a data loader worker)"
+        qualified, _, text = lines[-1].partition(": ")
+        name = qualified.rsplit(".", 1)[-1]
+        known = isinstance(err, MedclustError) or qualified.startswith("medclust.")
+    else:
+        known = isinstance(err, MedclustError)
+    text = " ".join(text.split())
+    if known:
+        return 2, text + where
+    if is_disk_full(err):
+        filename = getattr(err, "filename", None)
+        return 2, str(DiskFullError(filename or "a file being written", quota="quota" in text.lower())) + where
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return 2, f"{err.filename}: {err.strerror}{where}"
+    return 1, f"unexpected {name}{where}: {text} (`medclust --verbose ...` shows the traceback)"
+
 
 
 if __name__ == "__main__":

@@ -23,3 +23,20 @@ class BadInputError(MedclustError):
         # prints one line per error.
         self.reason = " ".join(str(reason).split())
         super().__init__(f"{self.path}: {self.reason}")
+
+
+class DiskFullError(MedclustError):
+    """A write failed because the file system (or the user's quota) is full.
+
+    Raised with nothing partial left behind (atomic writes remove their temporary file), so the
+    fix is always: free space, then rerun the same command.
+
+    Args:
+        path: the file or folder that could not be written.
+        quota: the quota, not the device, is full (``EDQUOT``).
+    """
+
+    def __init__(self, path: object, quota: bool = False) -> None:
+        self.path = str(path)
+        what = "disk quota exceeded" if quota else "no space left on device"
+        super().__init__(f"{self.path}: {what} (nothing partial was kept; free space and rerun)")

@@ -14,11 +14,13 @@ Layout (design §3):
 Slices are ``np.moveaxis(volume_xyz, slice_axis, 0)``;
 :func:`medclust.io.original_grid.store_to_original` undoes that and resamples a stored-grid array
 (e.g. a predicted label map) onto the original image grid.
-Writes are atomic (temporary file + rename): a killed writer never leaves ``{case}.h5``.
+Writes are atomic (the file is built in memory, written to a temporary file and renamed): a killed
+writer never leaves ``{case}.h5``, and a full disk is one line naming it (:class:`~medclust.errors.DiskFullError`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -30,7 +32,7 @@ import h5py
 import numpy as np
 
 from medclust.errors import BadInputError, MedclustError
-from medclust.io.atomic import atomic_path
+from medclust.io.atomic import write_bytes_atomic
 
 REQUIRED_ATTRS = (
     "case_id",
@@ -160,6 +162,7 @@ def write_case(
 
     Raises:
         MedclustError: wrong shapes or a missing required attribute.
+        DiskFullError: the file system is full (nothing is left at ``path``).
     """
     image = np.asarray(image)
     if image.ndim != 3:
@@ -170,12 +173,15 @@ def write_case(
     if missing:
         raise MedclustError(f"{path}: missing slice-store attributes: {', '.join(missing)}")
     s, h, w = image.shape
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            handle.create_dataset("image", data=image.astype(dtype, copy=False), chunks=(1, h, w))
-            if label is not None:
-                handle.create_dataset("label", data=label.astype(label_dtype(label), copy=False), chunks=(1, h, w))
-            _write_attrs(handle, attrs)
+    # built in memory, then written with plain file I/O: HDF5 reports a full disk as a long
+    # traceback of its own (and more from h5py's destructors); Python raises one OSError
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as handle:
+        handle.create_dataset("image", data=image.astype(dtype, copy=False), chunks=(1, h, w))
+        if label is not None:
+            handle.create_dataset("label", data=label.astype(label_dtype(label), copy=False), chunks=(1, h, w))
+        _write_attrs(handle, attrs)
+    write_bytes_atomic(path, buffer.getbuffer())
     return Path(path)
 
 

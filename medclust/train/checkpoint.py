@@ -7,8 +7,10 @@ Layout inside the checkpoint directory::
     step_00000200/rank1.pt     ... of every other rank under torchrun
 
 Every rank writes into a hidden ``.step_XXXXXXXX.tmp`` folder; rank 0 renames it once all files
-are complete, so a crash or kill mid-save leaves the previous checkpoint as the latest. Files
-hold only tensors and plain Python types and load with ``torch.load(..., weights_only=True)``.
+are complete, so a crash or kill mid-save leaves the previous checkpoint as the latest (and the
+next run removes the stale temporary folder); a full disk removes it at once and raises
+:class:`~medclust.errors.DiskFullError`. Files hold only tensors and plain Python types and load
+with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 from medclust.errors import MedclustError
+from medclust.io.atomic import disk_full_guard, torch_bytes
 from medclust.train.distributed import DistContext, barrier
 
 __all__ = ["CheckpointStore", "load_weights"]
@@ -31,6 +34,12 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 SHARED_FILE = "trainer.pt"
+
+
+def _save_file(obj: Any, path: Path) -> None:
+    # serialised in memory and written by Python: a full disk is then an OSError with its errno,
+    # not torch's "unexpected pos N vs M"
+    path.write_bytes(torch_bytes(obj))
 
 
 def load_weights(path: str | os.PathLike[str]) -> Any:
@@ -83,21 +92,30 @@ class CheckpointStore:
 
         Returns:
             The committed checkpoint folder.
+
+        Raises:
+            DiskFullError: the file system is full; the partial folder is removed and the
+                previous checkpoint stays the latest.
         """
         final = self.path_for(step)
         if (final / SHARED_FILE).is_file():
             return final  # the same step was saved before (e.g. final checkpoint of a finished run)
         tmp = self.directory / f".{final.name}.tmp"
-        if ctx.is_main:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        barrier(ctx)
-        torch.save(rank_state, tmp / f"rank{ctx.rank}.pt")
-        if ctx.is_main:
-            if shared is None:
-                raise MedclustError("checkpoint: rank 0 must provide the shared state")
-            torch.save(shared, tmp / SHARED_FILE)
+        try:
+            with disk_full_guard(final):
+                if ctx.is_main:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir()
+                barrier(ctx)
+                _save_file(rank_state, tmp / f"rank{ctx.rank}.pt")
+                if ctx.is_main:
+                    if shared is None:
+                        raise MedclustError("checkpoint: rank 0 must provide the shared state")
+                    _save_file(shared, tmp / SHARED_FILE)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing partial; the previous checkpoint stays the latest
+            raise
         barrier(ctx)
         if ctx.is_main:
             if final.exists():
@@ -106,6 +124,12 @@ class CheckpointStore:
             self.prune()
         barrier(ctx)
         return final
+
+    def remove_stale(self) -> None:
+        """Delete the temporary folders of saves that a kill interrupted (call before training)."""
+        if self.directory.is_dir():
+            for child in self.directory.glob(".step_*.tmp"):
+                shutil.rmtree(child, ignore_errors=True)
 
     def prune(self) -> None:
         """Delete all but the newest ``keep`` checkpoints and stale temporary folders."""
@@ -132,6 +156,8 @@ class CheckpointStore:
         Raises:
             MedclustError: checkpoints exist but none can be read.
         """
+        if rank == 0:
+            self.remove_stale()  # no save is running when a run starts
         candidates = self.steps()
         if not candidates:
             return None

@@ -1,8 +1,10 @@
-"""Training log: ``metrics.csv`` and TensorBoard scalars in the run's output folder.
+"""Training log: a live ``metrics.csv``, the final ``metrics.csv`` and TensorBoard scalars.
 
-The rows logged so far also travel inside every checkpoint, so that a resumed run rewrites
-``metrics.csv`` from them: the file is a declared Snakemake output and is deleted when a job
-fails, but the run's history must not be.
+While training, rows are appended to a live ``metrics.csv`` beside the checkpoints (not a
+Snakemake output: a job killed mid-training leaves no output behind, so a plain rerun redoes it
+without ``--rerun-incomplete``). :meth:`MetricsLogger.write_final` writes the run's
+``metrics.csv`` atomically once training has finished. The rows logged so far also travel inside
+every checkpoint, so a resumed run rewrites the live file from them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medclust.io.atomic import atomic_path
+from medclust.io.atomic import atomic_path, disk_full_guard
 
 __all__ = ["MetricsLogger"]
 
@@ -28,14 +30,16 @@ def _fmt(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Append rows to ``metrics.csv`` and scalars to TensorBoard (rank 0 only).
+    """Append rows to the live ``metrics.csv`` and scalars to TensorBoard (rank 0 only).
 
     Args:
-        out_dir: the run's output folder.
+        out_dir: the run's output folder (final ``metrics.csv``, ``tensorboard/``).
         enabled: False on non-zero ranks (nothing is written, history is still kept).
         history: rows restored from a checkpoint; rows after ``resume_step`` are dropped.
         resume_step: the step training resumes from (TensorBoard events after it are purged).
         tensorboard: also write TensorBoard event files under ``out_dir/tensorboard``.
+        live_dir: folder of the live ``metrics.csv`` (default ``out_dir``), e.g. the checkpoint
+            folder.
     """
 
     def __init__(
@@ -45,8 +49,10 @@ class MetricsLogger:
         history: list[dict[str, Any]] | None = None,
         resume_step: int = 0,
         tensorboard: bool = True,
+        live_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.path = Path(out_dir) / "metrics.csv"
+        self.path = Path(live_dir if live_dir is not None else out_dir) / "metrics.csv"
+        self.final_path = Path(out_dir) / "metrics.csv"
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = [dict(r) for r in (history or []) if int(r["step"]) <= resume_step]
         self.columns: list[str] = []
@@ -73,8 +79,9 @@ class MetricsLogger:
             self.columns.insert(0, "step")
         return bool(new)
 
-    def _rewrite(self) -> None:
-        with atomic_path(self.path) as tmp:
+    def _rewrite(self, path: Path | None = None) -> None:
+        final = path is not None
+        with atomic_path(path or self.path, immediate=not final) as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as handle:
                 if self.columns:
                     writer = csv.DictWriter(handle, fieldnames=self.columns, restval="")
@@ -91,11 +98,16 @@ class MetricsLogger:
         if grew:
             self._rewrite()  # a new column (e.g. a loss that starts after warm-up): rewrite with the wider header
         else:
-            with open(self.path, "a", newline="", encoding="utf-8") as handle:
+            with disk_full_guard(self.path), open(self.path, "a", newline="", encoding="utf-8") as handle:
                 csv.DictWriter(handle, fieldnames=self.columns, restval="").writerow({k: _fmt(v) for k, v in row.items()})
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(f"train/{key}", value, step)
+
+    def write_final(self) -> None:
+        """Write every row to ``out_dir/metrics.csv`` atomically (rank 0; at the end of training)."""
+        if self.enabled:
+            self._rewrite(self.final_path)
 
     def close(self) -> None:
         """Flush and close TensorBoard."""

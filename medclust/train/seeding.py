@@ -13,15 +13,19 @@ stream of the run it replaces. Three pieces make that work:
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
 import signal
+import threading
+from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 from monai.utils import set_determinism
 
-__all__ = ["derive_seed", "loader_generator", "rng_state", "seed_everything", "set_rng_state", "worker_init_fn"]
+__all__ = ["derive_seed", "loader_generator", "rng_state", "seed_everything", "set_rng_state", "shield_worker_from_preemption", "worker_init_fn"]
 
 
 def derive_seed(*parts: int) -> int:
@@ -69,19 +73,51 @@ def loader_generator(seed: int, epoch: int = 0) -> torch.Generator:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed ``random`` and NumPy in a DataLoader worker; leave pre-emption signals to the trainer.
+    """Seed ``random`` and NumPy in a DataLoader worker and set its signal policy.
 
     torch seeds each worker with ``base_seed + worker_id`` (base seed from the loader's
     generator) but leaves ``random`` and NumPy alone; without this, forked workers share them.
-    SLURM signals every process of a job: a worker dying on SIGTERM would crash the main
-    process's next batch fetch before it can checkpoint, so workers ignore SIGTERM/SIGUSR1 (they
-    exit with the main process).
+    Signals: see :func:`shield_worker_from_preemption`.
     """
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    shield_worker_from_preemption()
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(derive_seed(seed, worker_id))
+
+
+def shield_worker_from_preemption() -> None:
+    """In a loader worker: survive a job-wide SIGTERM/SIGUSR1, but obey SIGTERM from the parent.
+
+    SLURM signals every process of a job. A worker dying on that SIGTERM would make torch raise
+    in the main process (its SIGCHLD handler) before the trainer can finish the step and save a
+    checkpoint, so job-wide SIGTERM and SIGUSR1 are ignored here. The main process's own
+    SIGTERM, though, is how ``multiprocessing`` stops workers that are still running when it
+    exits (e.g. after an error): a worker ignoring that one keeps the interpreter waiting in
+    ``join()`` forever. A thread therefore takes SIGTERM with ``sigwaitinfo`` (which tells who
+    sent it) and exits the worker only when the sender is the parent.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    parents = {os.getppid()} | ({parent.pid} if parent is not None and parent.pid else set())
+    if not hasattr(signal, "sigwaitinfo"):  # not Linux: no sender information, keep the old policy
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    # not SIG_IGN: an ignored signal is discarded and never reaches sigwaitinfo; a no-op handler
+    # covers a thread that does not block it
+    signal.signal(signal.SIGTERM, _ignore_signal)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_parent_sigterm, args=(frozenset(parents),), name="medclust-sigterm", daemon=True).start()
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001 - signal API
+    pass
+
+
+def _exit_on_parent_sigterm(parents: frozenset[int]) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid in parents:
+            os._exit(128 + signal.SIGTERM)  # what a SIGTERM death reports; nothing to flush in a worker
 
 
 def rng_state() -> dict[str, Any]:

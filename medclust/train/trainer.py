@@ -215,6 +215,15 @@ def _count_items(batch: Any) -> int:
     return 0
 
 
+def _close_batches(batches: Iterator[Any] | None) -> None:
+    """Shut down a batch iterator: a DataLoader's worker processes, or close a generator."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process loader iterator
+    if callable(shutdown):
+        shutdown()
+    elif hasattr(batches, "close") and callable(batches.close):
+        batches.close()
+
+
 def _scalar(value: Any, device: torch.device) -> Tensor:
     """A detached float32 0-d tensor on ``device`` (metrics may be tensors or plain numbers)."""
     if isinstance(value, Tensor):
@@ -231,7 +240,8 @@ class Trainer:
 
     Args:
         config: optimisation settings.
-        out_dir: where ``metrics.csv`` and ``tensorboard/`` go (rank 0 writes).
+        out_dir: where ``tensorboard/`` and, once training has finished, ``metrics.csv`` go
+            (rank 0 writes; the live ``metrics.csv`` is in ``checkpoint_dir``).
         checkpoint_dir: where step checkpoints go; a later run with the same settings resumes
             from the newest one.
 
@@ -373,7 +383,10 @@ class Trainer:
         if pending_rng is None:
             # distinct random streams per rank (dropout, masking); the data order is the task's
             torch.manual_seed(derive_seed(cfg.seed, self.step, ctx.rank, 0x5EED))
-        logger = MetricsLogger(self.out_dir, enabled=ctx.is_main, history=history, resume_step=self.step, tensorboard=cfg.tensorboard)
+        # the live log sits beside the checkpoints: out_dir/metrics.csv is written once, at the end
+        logger = MetricsLogger(
+            self.out_dir, enabled=ctx.is_main, history=history, resume_step=self.step, tensorboard=cfg.tensorboard, live_dir=self.checkpoint_dir
+        )
         if cfg.compile:
             # in place (same module, same state_dict keys); tasks that call sub-modules choose what to compile
             if hasattr(task, "compile_model"):
@@ -396,6 +409,7 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
+        batch_iter: Iterator[Any] | None = None
         try:
             with SignalFlag() as signals:
                 while self.step < cfg.max_steps:
@@ -481,7 +495,9 @@ class Trainer:
             if cfg.max_steps > 0 and saved_at != self.step:
                 # a rerun after a crash in post-processing (export) must not train again
                 self._save(task, model, optimizer, scheduler, epoch, batch_in_epoch, signature, logger)
+            logger.write_final()
         finally:
+            _close_batches(batch_iter)  # on an error, stop loader workers now (not at interpreter exit)
             progress.close()
             logger.close()
         self.history = logger.rows

@@ -1,8 +1,11 @@
 # Pretraining: one run per {method} (owned by the pretraining stage).
 #   rule pretrain_method  results/pretrain/{method}/encoder.pt (+ metrics.csv, embeddings.npz,
 #                         provenance.json, slice_encoder.pt, tensorboard/). Its checkpoint/ folder is
-#                         NOT an output: it survives a failed or pre-empted job, and the rerun resumes
-#                         from it ("resuming from step N" in the log). encoder.pt is written last.
+#                         NOT an output: it survives a failed, pre-empted or killed job, and the rerun
+#                         resumes from it ("resuming from step N" in the log); it also holds the live
+#                         metrics.csv. The declared outputs are renamed into place together at the very
+#                         end (medclust.io.atomic.publish_together): a job killed at any earlier point
+#                         leaves none of them, so a plain rerun (no --rerun-incomplete) redoes it.
 # The target rule `pretrain` (Snakefile) collects pretrain_targets; helpers are in common.smk.
 
 

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from medclust.data.augment import AugmentSettings
 from medclust.data.pretrain_datasets import CaseArrays, PretrainBatches, PretrainCase, collect_cases, item_table, plan_epoch, volume_table
 from medclust.errors import MedclustError
-from medclust.io.atomic import atomic_path
+from medclust.io.atomic import atomic_path, publish_together, save_torch_atomic, staged_path
 from medclust.losses import Agreement3DLoss, DeepClusterLoss, MaskedEmbeddingLoss, MemoryBank, SwAVLoss
 from medclust.models import JointModel, SliceEncoder, normalize_prototypes_
 from medclust.provenance import write_provenance
@@ -323,10 +323,11 @@ def _unwrap(model: nn.Module) -> JointModel:
 
 
 def _save_torch_atomic(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    save_torch_atomic(obj, path)  # a full disk: one line naming the file, not torch's "unexpected pos"
 
 
+# all outputs appear together at the end: a job killed before leaves none (a plain rerun redoes it)
+@publish_together()
 def run_pretraining(
     method: str,
     settings: Mapping[str, Any],
@@ -380,9 +381,9 @@ def run_pretraining(
     export_arrays = CaseArrays(export, in_memory=True)
     export_embeddings(model, export_arrays, s, method, out_dir / "embeddings.npz", used, trainer.context.device)
     model = model.cpu()
-    metrics = out_dir / "metrics.csv"
+    metrics = staged_path(out_dir / "metrics.csv")  # written by the trainer, published at the end
     if not metrics.exists() or metrics.stat().st_size == 0:  # `none` trains nothing: header only
-        with atomic_path(metrics) as tmp:
+        with atomic_path(out_dir / "metrics.csv") as tmp:
             tmp.write_text(",".join(METRIC_COLUMNS) + "\n", encoding="utf-8")
     inputs = [Path(p) / name for p in (stores.values() if isinstance(stores, Mapping) else stores) for name in ("index.json", "splits.json")]
     final = trainer.history[-1] if trainer.history else {}
