@@ -127,9 +127,12 @@ def _cmd_preprocess(sub: Any) -> None:
         else:
             raise MedclustError("preprocess: give --cases and --case, or --image")
         # A dataset entry carries a `preprocess` block; a bare block (standalone use) works too.
-        known = {"spacing", "size", "slice_axis", "ct_window", "mr_percentiles", "xr_percentiles", "dtype", "antialias"}
+        known = {
+            "spacing", "size", "slice_axis", "ct_window", "ct_normalization", "mr_percentiles", "xr_percentiles",
+            "dtype", "antialias",
+        }
         prep = settings.get("preprocess", {k: v for k, v in settings.items() if k in known})
-        preprocess_case(entry, prep, args.out, settings.get("name", dataset))
+        preprocess_case(entry, prep, args.out, settings.get("name", dataset), intensity=args.intensity)
 
     p = sub.add_parser("preprocess", help="preprocess one case into the HDF5 slice store")
     p.add_argument("--settings", type=settings_arg, default={},
@@ -140,7 +143,35 @@ def _cmd_preprocess(sub: Any) -> None:
     p.add_argument("--label", type=Path, default=None, help="standalone: its label map")
     p.add_argument("--modality", choices=["CT", "MR", "XR"], default=None, help="standalone: modality")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--intensity", type=Path, default=None,
+                   help="CT fingerprint results/slices/DATASET/intensity.json (needed for CT when "
+                   "ct_normalization is nnunet; `medclust fingerprint` writes it)")
     p.add_argument("--out", type=Path, required=True, help="results/slices/DATASET/CASE.h5")
+    p.set_defaults(func=run)
+
+
+def _cmd_fingerprint(sub: Any) -> None:
+    def run(args: argparse.Namespace) -> None:
+        from medclust.config import load_schema
+        from medclust.preprocess.ingest import read_cases
+        from medclust.preprocess.intensity import write_fingerprint
+
+        dataset, _ = read_cases(args.cases)
+        write_fingerprint(
+            str(args.settings.get("dataset", dataset)), args.cases, args.out,
+            seed=int(args.settings.get("seed", load_schema()["properties"]["seed"]["default"])),
+            splits_settings=args.settings.get("splits"),
+        )
+
+    p = sub.add_parser(
+        "fingerprint",
+        help="CT intensity fingerprint of a dataset (nnU-Net: foreground percentiles, mean, std) -> intensity.json",
+        description="Statistics of the labelled foreground (else the body) of the dataset's CT training cases "
+        "(every case the seeded split does not put in test), for preprocess.ct_normalization: nnunet.",
+    )
+    p.add_argument("--settings", type=settings_arg, default={}, help='JSON: {"dataset", "seed", "splits": {...}}')
+    p.add_argument("--cases", type=Path, required=True, help="results/cases/DATASET.json")
+    p.add_argument("--out", type=Path, required=True, help="results/slices/DATASET/intensity.json")
     p.set_defaults(func=run)
 
 

@@ -684,6 +684,7 @@ def simulate_nodules(
     allowed_slices: np.ndarray | None = None,
     margin_mm: float = 3.0,
     noise: float = 0.02,
+    value_range: Sequence[float] = (0.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Insert ellipsoidal nodule-like blobs into a volume (store layout), inside an organ mask.
 
@@ -693,19 +694,22 @@ def simulate_nodules(
     diameter, a mild random elongation, a soft (partial-volume) edge and a little texture noise.
 
     Args:
-        image: (S, H, W) float in [0, 1]; not modified.
+        image: (S, H, W) float in ``value_range``; not modified.
         organ_mask: (S, H, W) bool where nodules may be placed (e.g. lungs).
         spacing: (slice, row, col) voxel size in mm.
         rng: generator (fixes positions and shapes).
         count: number of nodules wanted (fewer when there is no room).
         diameter_mm: (min, max) diameter.
-        intensity: (min, max) store intensity of nodule tissue (see :func:`hu_to_unit`).
+        intensity: (min, max) store intensity of nodule tissue (see :func:`medclust.preprocess.intensity.hu_to_store`).
         avoid: (M, 3) store indices (slice, row, col) to stay away from.
         avoid_mm: distance kept from ``avoid`` points and between nodules.
         allowed_slices: optional (S,) bool: each whole nodule, soft edge included, lies on these
             slices (a split's slabs), so none reaches across a gap into another split's slab.
         margin_mm: extra distance from the organ boundary.
         noise: std of the texture noise inside nodules.
+        value_range: the store's value range (its ``normalisation["output_range"]``: [0, 1],
+            or the z-scores of the clip range of a CT normalised like nnU-Net); the result is
+            clipped to it.
 
     Returns:
         ``(new_image, centres (N, 3), diameters_mm (N,))``.
@@ -760,4 +764,4 @@ def simulate_nodules(
         out[region] = (1 - weight) * out[region] + weight * tissue
         centres.append(centre)
         diameters.append(diameter)
-    return np.clip(out, 0.0, 1.0), np.array(centres).reshape(-1, 3), np.array(diameters)
+    return np.clip(out, *value_range), np.array(centres).reshape(-1, 3), np.array(diameters)

@@ -8,12 +8,16 @@ Volumes (CT, MR):
    would otherwise alias badly). This is also the one pass over the full-size data, done in
    slabs so the float copy never exists for the whole volume;
 3. normalise intensities on that (small) volume: CT ``ScaleIntensityRange`` over
-   ``ct_window`` HU -> [0, 1] (clipped); MR and XR the ``*_percentiles`` range -> [0, 1]
-   (clipped, as ``ScaleIntensityRangePercentiles``; the percentile values are recorded);
+   ``ct_window`` HU -> [0, 1] (clipped; ``ct_normalization: window``) or, with
+   ``ct_normalization: nnunet``, over the dataset's fingerprint clip range (the 0.5/99.5
+   percentiles of its training foreground, :mod:`medclust.preprocess.intensity`), mapped to
+   z-scores ``(clip(hu) - mean) / std`` after resampling; MR and XR the ``*_percentiles``
+   range -> [0, 1] (clipped, as ``ScaleIntensityRangePercentiles``; the percentile values are
+   recorded);
 4. the output grid comes from MONAI's ``Orientation("RAS")``, ``Spacing(spacing)`` and
    ``ResizeWithPadOrCrop`` (in-plane ``size``, all slices kept) applied lazily to the original
    image's geometry, and the image is resampled onto it once with ``SpatialResample``
-   (bilinear; outside the field of view 0, i.e. the bottom of the window/range); the label
+   (bilinear; outside the field of view the bottom of the window/range, like air); the label
    map is resampled from its full-resolution grid onto the same grid with nearest neighbour
    (a direct index lookup, equivalent to ``SpatialResample(mode="nearest")``);
 5. slices: ``np.moveaxis(volume_xyz, slice_axis, 0)``; ``store_affine`` is the affine of that
@@ -37,7 +41,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +51,13 @@ from medclust.errors import BadInputError, MedclustError
 from medclust.io.readers import ImageData, load_image
 from medclust.io.slice_store import write_case
 from medclust.io.sources import CaseEntry, normalise_modality
+from medclust.preprocess.intensity import IntensityFingerprint, load_fingerprint
 
 log = logging.getLogger(__name__)
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 _SLAB_VOXELS = 1 << 24  # float32 voxels converted at a time while anti-aliasing (64 MB)
+CT_NORMALIZATIONS = ("window", "nnunet")
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,9 @@ class PreprocessSettings:
         spacing: target voxel size in mm along RAS x, y, z (volumes).
         size: in-plane size (pixels) after centre crop/pad, along the two non-slice axes in order.
         slice_axis: RAS axis along which slices are taken (2 = axial).
-        ct_window: HU range mapped to [0, 1] for CT.
+        ct_window: HU range mapped to [0, 1] for CT (``ct_normalization: window``).
+        ct_normalization: ``window`` (``ct_window`` -> [0, 1]) or ``nnunet`` (clip to the
+            dataset's foreground percentiles, z-score with its mean/std; needs the fingerprint).
         mr_percentiles: percentile range mapped to [0, 1] for MR.
         xr_percentiles: percentile range mapped to [0, 1] for X-ray images.
         dtype: storage type of the image (float16 or float32).
@@ -73,6 +81,7 @@ class PreprocessSettings:
     size: tuple[int, int]
     slice_axis: int
     ct_window: tuple[float, float]
+    ct_normalization: str
     mr_percentiles: tuple[float, float]
     xr_percentiles: tuple[float, float]
     dtype: str
@@ -100,6 +109,7 @@ class PreprocessSettings:
                 size=tuple(int(v) for v in merged["size"]),  # type: ignore[arg-type]
                 slice_axis=int(merged["slice_axis"]),
                 ct_window=tuple(float(v) for v in merged["ct_window"]),  # type: ignore[arg-type]
+                ct_normalization=str(merged["ct_normalization"]),
                 mr_percentiles=tuple(float(v) for v in merged["mr_percentiles"]),  # type: ignore[arg-type]
                 xr_percentiles=tuple(float(v) for v in merged["xr_percentiles"]),  # type: ignore[arg-type]
                 dtype=str(merged["dtype"]),
@@ -113,6 +123,10 @@ class PreprocessSettings:
             raise MedclustError(f"preprocess.size must be 2 positive integers, got {settings.size}")
         if settings.slice_axis not in (0, 1, 2):
             raise MedclustError(f"preprocess.slice_axis must be 0, 1 or 2, got {settings.slice_axis}")
+        if settings.ct_normalization not in CT_NORMALIZATIONS:
+            raise MedclustError(
+                f"preprocess.ct_normalization must be one of {', '.join(CT_NORMALIZATIONS)}, got {settings.ct_normalization!r}"
+            )
         if settings.dtype not in ("float16", "float32"):
             raise MedclustError(f"preprocess.dtype must be float16 or float32, got {settings.dtype}")
         return settings
@@ -126,7 +140,8 @@ class PreprocessedCase:
     """The result of :func:`preprocess_image`.
 
     Attributes:
-        image: ``(S, H, W)`` float32 in [0, 1].
+        image: ``(S, H, W)`` float32 in [0, 1] (CT in nnunet mode: z-scores in
+            ``normalisation["output_range"]``).
         label: ``(S, H, W)`` integer label map or None.
         store_affine: 4x4 affine of the stored volume (x, y, z order, before slicing).
         target_spacing: spacing of the stored grid in mm (x, y, z).
@@ -304,23 +319,47 @@ def _nearest_lookup(
     return out
 
 
-def _normalise(values: Any, modality: str, settings: PreprocessSettings) -> tuple[Any, dict[str, Any]]:
-    """Map intensities to [0, 1] (clipped) by modality; returns the tensor and a record of it."""
+def _normalise(
+    values: Any, modality: str, settings: PreprocessSettings, intensity: IntensityFingerprint | None = None
+) -> tuple[Any, dict[str, Any], tuple[float, float]]:
+    """Map intensities to [0, 1] (clipped) by modality.
+
+    Returns:
+        The tensor, a record of the mapping, and ``(scale, offset)`` that take the resampled
+        [0, 1] values to the stored ones (``(1, 0)``, except for CT in nnunet mode, where
+        ``u * (hi - lo) / std + (lo - mean) / std`` is ``(clip(hu) - mean) / std``). Resampling
+        in [0, 1] first keeps the zero padding outside the field of view at the bottom of the
+        range, i.e. air, in both modes.
+
+    Raises:
+        MedclustError: CT in nnunet mode without a fingerprint.
+    """
     from monai.transforms import ScaleIntensityRange
     from monai.transforms.utils_pytorch_numpy_unification import percentile
 
-    if modality == "CT":
+    post = (1.0, 0.0)
+    if modality == "CT" and settings.ct_normalization == "nnunet":
+        if intensity is None:
+            raise MedclustError(
+                "preprocess.ct_normalization is nnunet but no intensity fingerprint was given "
+                "(medclust fingerprint writes results/slices/{dataset}/intensity.json; pass it with --intensity)"
+            )
+        lo, hi = intensity.clip_hu
+        record: dict[str, Any] = intensity.record()
+        post = ((hi - lo) / intensity.std, (lo - intensity.mean) / intensity.std)
+    elif modality == "CT":
         lo, hi = settings.ct_window
-        record: dict[str, Any] = {"method": "ct_window", "window_hu": [lo, hi]}
+        record = {"method": "ct_window", "window_hu": [lo, hi]}
     else:
         q = settings.mr_percentiles if modality == "MR" else settings.xr_percentiles
         lo, hi = (float(v) for v in percentile(values, list(q)))
         record = {"method": "percentiles", "percentiles": list(q), "values": [lo, hi]}
     if not hi > lo:  # QC rejects constant images; guard the division for near-constant ones
         hi = lo + 1.0
-    record.update({"output_range": [0.0, 1.0], "clip": True})
+    record.setdefault("output_range", [0.0, 1.0])
+    record["clip"] = True
     scaled = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True, dtype=None)(values)
-    return scaled, record
+    return scaled, record, post
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -331,6 +370,7 @@ def preprocess_image(
     modality: str,
     settings: PreprocessSettings,
     label: ImageData | None = None,
+    intensity: IntensityFingerprint | None = None,
 ) -> PreprocessedCase:
     """Preprocess one loaded image (and its label map) into slice-store arrays.
 
@@ -339,12 +379,14 @@ def preprocess_image(
         modality: CT, MR or XR.
         settings: the resolved ``preprocess`` settings.
         label: label map on the same grid as ``image``, if any.
+        intensity: the dataset's CT fingerprint (needed for CT when ``ct_normalization`` is nnunet).
 
     Returns:
         Slices, label slices, the stored grid's affine and the metadata of the transform.
 
     Raises:
         BadInputError: the label grid differs from the image grid.
+        MedclustError: CT in nnunet mode without ``intensity``.
     """
     import torch
 
@@ -375,9 +417,12 @@ def preprocess_image(
     with torch.inference_mode():
         reduced = _block_mean(data, factors)
         reduced_affine = _block_affine(data_affine, factors)
-        reduced, normalisation = _normalise(reduced, modality, settings)
+        reduced, normalisation, (scale, offset) = _normalise(reduced, modality, settings, intensity)
         out = _resample(reduced, reduced_affine, grid_affine, grid_shape, mode="bilinear")
         out = np.clip(out, 0.0, 1.0, out=out)
+        if (scale, offset) != (1.0, 0.0):
+            out = np.multiply(out, np.float32(scale), out=out)
+            out = np.add(out, np.float32(offset), out=out)
         out_label = None
         if label is not None:
             lab_volume, lab_affine = _as_volume(label)
@@ -421,6 +466,7 @@ def preprocess_case(
     settings: PreprocessSettings | Mapping[str, Any],
     out_path: str | os.PathLike[str],
     dataset: str,
+    intensity: IntensityFingerprint | str | os.PathLike[str] | None = None,
 ) -> Path:
     """Load one case, preprocess it and write ``{case}.h5`` atomically.
 
@@ -429,12 +475,15 @@ def preprocess_case(
         settings: the dataset's resolved ``preprocess`` block.
         out_path: the ``.h5`` file to write.
         dataset: dataset name recorded in the file.
+        intensity: the CT fingerprint (or its ``intensity.json``) of the dataset, or of the
+            dataset named by its ``intensity_from``; read only for CT in nnunet mode.
 
     Returns:
         ``out_path``.
 
     Raises:
-        BadInputError: the image or label cannot be read or does not match.
+        BadInputError: the image, label or fingerprint cannot be read or does not match.
+        MedclustError: a CT case in nnunet mode without a fingerprint.
     """
     from medclust import __version__
 
@@ -447,7 +496,17 @@ def preprocess_case(
     modality = entry.modality or image.modality
     if modality is None:
         raise BadInputError(entry.image, "modality unknown: set `modality` for the dataset or in the manifest")
-    result = preprocess_image(image, modality, prep, label)
+    fingerprint, fallback = None, None
+    if normalise_modality(modality) == "CT" and prep.ct_normalization == "nnunet" and intensity is not None:
+        if isinstance(intensity, IntensityFingerprint):
+            fingerprint = intensity
+        else:
+            fingerprint, fallback = load_fingerprint(intensity)
+        if fingerprint is None:  # the dataset has no CT training foreground: the fixed window
+            prep = replace(prep, ct_normalization="window")
+    result = preprocess_image(image, modality, prep, label, intensity=fingerprint)
+    if fallback is not None:
+        result.normalisation["fallback"] = fallback
     spatial_shape = list(image.array.shape)
     attrs: dict[str, Any] = {
         "case_id": entry.case_id,
@@ -488,4 +547,4 @@ def preprocess_case(
     return Path(out_path)
 
 
-__all__ = ["PreprocessSettings", "PreprocessedCase", "preprocess_case", "preprocess_image", "source_sha256"]
+__all__ = ["CT_NORMALIZATIONS", "PreprocessSettings", "PreprocessedCase", "preprocess_case", "preprocess_image", "source_sha256"]

@@ -35,10 +35,17 @@ def rule_resources(name, **defaults):
 
 
 def preprocess_settings(dataset):
-    """Global `preprocess` block with the dataset's own overrides applied."""
+    """Global `preprocess` block with the dataset's own overrides applied; the CT normalisation
+    keys come from the dataset named by `intensity_from`, if any (intensity_source)."""
     merged = dict(config["preprocess"])
     merged.update(DATASETS[dataset].get("preprocess", {}))
-    return merged
+    source = intensity_source(dataset)
+    if source != dataset:
+        own = dict(config["preprocess"])
+        own.update(DATASETS[source].get("preprocess", {}))
+        for key in CT_INTENSITY_KEYS:
+            merged[key] = own.get(key)
+    return {k: v for k, v in merged.items() if v is not None}
 
 
 def dataset_settings(dataset):
@@ -316,6 +323,8 @@ def preprocess_inputs(wildcards):
     inputs = {"cases": cases_json, "image": entry["image"]}
     if entry.get("label"):
         inputs["label"] = entry["label"]
+    if entry.get("modality") in (None, "CT") and intensity_file(wildcards.dataset):
+        inputs["intensity"] = intensity_file(wildcards.dataset)[0]
     return inputs
 
 
@@ -324,6 +333,54 @@ def index_settings(dataset):
     dataset's path (a manifest: named when its fixed splits split a group)."""
     entry = config["datasets"].get(dataset) or {}
     return {"dataset": dataset, "seed": config["seed"], "splits": config["splits"], "source": entry.get("path")}
+
+
+# CT normalisation keys a dataset takes from its `intensity_from` dataset.
+CT_INTENSITY_KEYS = ("ct_normalization", "ct_window")
+
+
+def intensity_source(dataset):
+    """The dataset whose CT normalisation `dataset` uses: its `intensity_from` chain, else itself."""
+    chain = [dataset]
+    while DATASETS[chain[-1]].get("intensity_from"):
+        source = DATASETS[chain[-1]]["intensity_from"]
+        if source not in DATASETS:
+            raise WorkflowError(f"config datasets.{chain[-1]}.intensity_from: {source!r} is not a configured dataset")
+        if source in chain:
+            raise WorkflowError(f"config datasets.*.intensity_from: a cycle {' -> '.join(chain + [source])}")
+        chain.append(source)
+    return chain[-1]
+
+
+def needs_fingerprint(dataset):
+    """True when `dataset` may hold CT normalised with nnU-Net's scheme (its config does not say
+    MR/XR and it is not a folder of 2D images or simulated radiographs)."""
+    entry = DATASETS[dataset]
+    if entry.get("format") in ("images", "drr") or entry.get("modality") in ("MR", "XR"):
+        return False
+    return preprocess_settings(dataset).get("ct_normalization", "nnunet") == "nnunet"
+
+
+def intensity_file(dataset):
+    """[intensity.json of the dataset `dataset` takes its CT fingerprint from], or []."""
+    return [f"{RESULTS}/slices/{intensity_source(dataset)}/intensity.json"] if needs_fingerprint(dataset) else []
+
+
+def fingerprint_inputs(wildcards):
+    """The case list and every case's image and label (the split decides which are used)."""
+    cases_json = checkpoints.ingest.get(dataset=wildcards.dataset).output.cases
+    with open(cases_json, encoding="utf-8") as handle:
+        entries = json.load(handle)["cases"]
+    return {
+        "cases": cases_json,
+        "images": [e["image"] for e in entries],
+        "labels": [e["label"] for e in entries if e.get("label")],
+    }
+
+
+def intensity_arg(wildcards, input):
+    """`--intensity FILE` for `medclust preprocess` when the case's dataset has a CT fingerprint."""
+    return f"--intensity {shlex.quote(str(input.intensity))}" if "intensity" in input.keys() else ""
 
 
 # --- ingest and preprocessing helpers (end) ----------------------------------------------------

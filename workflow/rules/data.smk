@@ -86,6 +86,7 @@ rule preprocess:
     params:
         settings=lambda wildcards: as_json(dataset_settings(wildcards.dataset)),
         case=lambda wildcards: wildcards.case,
+        intensity=intensity_arg,
     threads: rule_threads("preprocess", 1)
     resources:
         **rule_resources("preprocess", mem_mb=2000, runtime=30),
@@ -93,7 +94,26 @@ rule preprocess:
         MEDCLUST_ENV
     shell:
         "medclust preprocess --settings {params.settings:q} --cases {input.cases:q} --case {params.case:q} "
-        "--threads {threads} --out {output:q} > {log:q} 2>&1"
+        "{params.intensity} --threads {threads} --out {output:q} > {log:q} 2>&1"
+
+
+rule fingerprint:
+    # CT intensity statistics of a dataset's training cases (preprocess.ct_normalization: nnunet)
+    input:
+        unpack(fingerprint_inputs),
+    output:
+        f"{RESULTS}/slices/{{dataset}}/intensity.json",
+    log:
+        f"{RESULTS}/logs/fingerprint/{{dataset}}.log",
+    params:
+        settings=lambda wildcards: as_json(index_settings(wildcards.dataset)),
+    threads: rule_threads("fingerprint", 1)
+    resources:
+        **rule_resources("fingerprint", mem_mb=4000, runtime=30),
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust fingerprint --settings {params.settings:q} --cases {input.cases:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule index:

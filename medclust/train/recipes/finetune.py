@@ -42,7 +42,6 @@ from medclust.data.downstream import (
     context_stack,
     crop_box,
     gaussian_heatmap,
-    hu_to_unit,
     load_cases,
     plan_splits,
     read_store_json,
@@ -57,6 +56,7 @@ from medclust.evaluate.predict import group_peaks, pad_to_multiple, predict_logi
 from medclust.io.atomic import write_json_atomic, write_text_atomic
 from medclust.io.original_grid import store_to_original, world_to_store_index, write_label_nifti
 from medclust.models.heads import build_task_model, heatmap_focal_loss
+from medclust.preprocess.intensity import hu_to_store, store_value_range
 
 __all__ = ["FORMAT_VERSION", "FinetuneTask", "TaskData", "prepare_task_data", "run_finetune"]
 
@@ -396,6 +396,10 @@ def _prepare_detection(data: TaskData, settings: Mapping[str, Any], label_names:
                 regions = [layout == "train", layout == "val"]
             n_val = 0 if len(regions) == 1 else max(1, int(round(count * regions[1].sum() / max(allowed.sum(), 1))))
             image = case.image
+            # nodule HU -> this store's values (window or nnU-Net z-scores), texture noise alike
+            norm = json.loads(case.attrs.get("normalisation") or "{}")
+            tissue = hu_to_store(np.asarray(sim.get("hu", [-100.0, 100.0]), dtype=float), norm, window).tolist()
+            value_range = store_value_range(norm)
             avoid = real_idx if bool(sim.get("avoid_lesions", True)) else np.zeros((0, 3))
             all_centres, all_diam = [], []
             for region, n in zip(regions, [count - n_val, n_val]):
@@ -406,10 +410,12 @@ def _prepare_detection(data: TaskData, settings: Mapping[str, Any], label_names:
                     rng,
                     n,
                     diameter_mm=sim.get("diameter_mm", [6.0, 20.0]),
-                    intensity=hu_to_unit(np.asarray(sim.get("hu", [-100.0, 100.0]), dtype=float), window).tolist(),
+                    intensity=tissue,
                     avoid=np.concatenate([avoid, *all_centres]) if all_centres else avoid,
                     avoid_mm=float(sim.get("avoid_mm", 25.0)),
                     allowed_slices=region,
+                    noise=0.02 * (value_range[1] - value_range[0]),
+                    value_range=value_range,
                 )
                 all_centres.append(centres_r)
                 all_diam.append(diam_r)
@@ -798,6 +804,18 @@ def run_finetune(
     return model_path
 
 
+def _input_normalisation(cases: Sequence[TaskCase]) -> list[dict[str, Any]]:
+    """The distinct intensity normalisations of the training cases (per-case block sizes left out)."""
+    seen: list[dict[str, Any]] = []
+    for case in cases:
+        norm = {k: v for k, v in json.loads(case.attrs.get("normalisation") or "{}").items() if k != "antialias_block"}
+        if norm.get("method") == "percentiles":  # per-image values; the rule is what carries over
+            norm.pop("values", None)
+        if norm not in seen:
+            seen.append(norm)
+    return seen
+
+
 def _base_record(data: TaskData, s: Mapping[str, Any], init: str, fraction: float, seed: int, encoder: Any, task: FinetuneTask) -> dict[str, Any]:
     plan = data.plan
     assert plan is not None
@@ -830,6 +848,8 @@ def _base_record(data: TaskData, s: Mapping[str, Any], init: str, fraction: floa
         "notes": data.notes,
         "selection": {"metric": task.metric_name, "best_step": task.best_step, "best_value": task.best_value, "steps": task.max_steps},
         "classes": {str(k): v for k, v in sorted(data.classes.items())},
+        # the input normalisation the model was trained on (a new scan must get the same)
+        "input_normalisation": _input_normalisation(data.train_cases),
     }
     if plan.layout:
         # where the slab split put train/val/test along the slice axis (mm, store z positions)
