@@ -19,13 +19,14 @@ from medclust.io.dicom_series import DicomGapError
 from medclust.io.readers import load_image
 from medclust.io.slice_store import read_case
 from medclust.preprocess.ingest import ingest_dataset, read_cases
+from medclust.preprocess.intensity import write_fingerprint
 from medclust.preprocess.pipeline import preprocess_case
 
 SERIES = "1.2.826.0.1.3680043.8.498.77"
 SHAPE = (16, 12)  # columns (x), rows (y)
 STEP = 2.5
 GAP_HINT = " (dicom_gaps: resample interpolates it onto a regular grid)"
-PREP = {"spacing": [2.0, 2.0, 2.5], "size": [16, 16], "ct_normalization": "window"}
+PREP = {"spacing": [2.0, 2.0, 2.5], "size": [16, 16], "ct_normalization": "window"}  # no fingerprint needed
 
 
 def write_slices(
@@ -279,6 +280,9 @@ def test_gap_policy_resample_interpolates_at_the_true_positions(tmp_path):
     _, (entry,) = read_cases(out / "cases.json")
     store = read_case(preprocess_case(entry, PREP, out / "gap.h5", "dcm"))
     assert store.image.shape[0] == 8 and np.diff(store.z_mm) == pytest.approx([STEP] * 7)
+    # the CT intensity fingerprint reads the case as preprocessing does
+    fingerprint = write_fingerprint("dcm", out / "cases.json", out / "intensity.json")
+    assert fingerprint["cases"] == ["missing"]
 
 
 def test_gap_policy_fail_and_skip_override_on_bad_input(tmp_path):

@@ -25,7 +25,7 @@ from medclust.preprocess.ingest import ingest_dataset, read_cases
 from medclust.preprocess.pipeline import preprocess_case
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
-PREP = {"spacing": [4.0, 4.0, 3.0], "size": [8, 8], "ct_normalization": "window"}
+PREP = {"spacing": [4.0, 4.0, 3.0], "size": [8, 8], "ct_normalization": "window"}  # no fingerprint needed
 VOLUME = phantom_ct((12, 10, 4))
 
 

@@ -299,3 +299,10 @@ def test_weights_files_that_cannot_be_loaded_are_one_line(tmp_path):
         with pytest.raises(BadInputError) as caught:
             load_encoder_weights(encoder, tmp_path / name)
         assert str(caught.value) == f"{tmp_path / name}: {reason}"
+
+
+def test_a_reason_is_always_one_line():
+    """Library messages can hold newlines and tabs; the QC table is a TSV and the CLI prints one line."""
+    err = BadInputError("scan.nii.gz", "cannot read image:\n  ITK ERROR:\tbad\r\nheader ")
+    assert err.reason == "cannot read image: ITK ERROR: bad header"
+    assert str(err) == "scan.nii.gz: cannot read image: ITK ERROR: bad header"
