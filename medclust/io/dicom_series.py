@@ -241,7 +241,8 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
             needed = rows * columns * frames * samples * int(ds.get("BitsAllocated") or 16) // 8
             if length < needed:
                 raise BadInputError(
-                    folder, f"slice file {name} holds {length:,} bytes of pixel data, its {columns}x{rows} header needs {needed:,}"
+                    folder,
+                    f"slice file {name} holds {length:,} bytes of pixel data, its {columns}x{rows} header needs {needed:,}",
                 )
     thickness = ds.get("SliceThickness")
     spacing = _numbers(ds.get("PixelSpacing"), 2)
@@ -273,7 +274,8 @@ def series_uids(folder: str | os.PathLike[str]) -> list[str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPClassUID", "Rows"])
+                tags = ["SeriesInstanceUID", "SOPClassUID", "Rows"]
+                ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=tags)
         except Exception:
             continue
         if "Rows" in ds and str(ds.get("SOPClassUID", "")) != _DICOMDIR_SOP:
@@ -308,14 +310,18 @@ def _common_geometry(slices: list[SliceHeader], folder: str | os.PathLike[str]) 
             raise BadInputError(folder, f"{h.path.name} is a multi-frame DICOM ({h.frames} frames); convert it to NIfTI")
         if h.position is None or h.orientation is None:
             raise BadInputError(
-                folder, f"slice file {h.path.name} has no ImagePositionPatient/ImageOrientationPatient: its place in the volume is unknown"
+                folder,
+                f"slice file {h.path.name} has no ImagePositionPatient/ImageOrientationPatient: "
+                "its place in the volume is unknown",
             )
         if not (np.isfinite(h.position).all() and np.isfinite(h.orientation).all()):
             raise BadInputError(folder, f"slice file {h.path.name}: ImagePositionPatient/ImageOrientationPatient are not numbers")
     row, col = first.orientation[:3], first.orientation[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2:
         raise BadInputError(
-            folder, f"invalid geometry: ImageOrientationPatient {_cosines(first.orientation)} of {first.path.name} is not two perpendicular unit vectors"
+            folder,
+            f"invalid geometry: ImageOrientationPatient {_cosines(first.orientation)} of {first.path.name} "
+            "is not two perpendicular unit vectors",
         )
     for h in slices[1:]:
         if np.abs(h.orientation - first.orientation).max() > ORIENTATION_TOLERANCE:
@@ -326,7 +332,9 @@ def _common_geometry(slices: list[SliceHeader], folder: str | os.PathLike[str]) 
             )
         if (h.rows, h.columns) != (first.rows, first.columns):
             raise BadInputError(
-                folder, f"slices of different sizes in one series: {first.path.name} {first.columns}x{first.rows}, {h.path.name} {h.columns}x{h.rows}"
+                folder,
+                f"slices of different sizes in one series: {first.path.name} {first.columns}x{first.rows}, "
+                f"{h.path.name} {h.columns}x{h.rows}",
             )
     if first.pixel_spacing is None:
         raise BadInputError(folder, f"{first.path.name} has no PixelSpacing: the voxel size is unknown")
@@ -340,7 +348,9 @@ def _common_geometry(slices: list[SliceHeader], folder: str | os.PathLike[str]) 
     return first.orientation, (float(first.pixel_spacing[0]), float(first.pixel_spacing[1]))
 
 
-def _grid(offsets: np.ndarray, names: list[str], folder: str | os.PathLike[str], thickness: float | None) -> tuple[float, str | None]:
+def _grid(
+    offsets: np.ndarray, names: list[str], folder: str | os.PathLike[str], thickness: float | None
+) -> tuple[float, str | None]:
     """Slice spacing of the series and, if it is not regular, what is wrong (in words).
 
     Raises:
@@ -480,7 +490,8 @@ def read_dicom_series(
     if array.ndim == 2:
         array = array[..., None]
     if array.shape != (layout.columns, layout.rows, len(layout.files)):
-        raise BadInputError(folder, f"read {array.shape} voxels from a series of {len(layout.files)} slices of {layout.columns}x{layout.rows}")
+        expected = f"{len(layout.files)} slices of {layout.columns}x{layout.rows}"
+        raise BadInputError(folder, f"read {array.shape} voxels from a series of {expected}")
     meta: dict[str, Any] = {"num_files": len(layout.files), "series_uid": layout.series_uid}
     if layout.gap is not None:
         array = _interpolate(array, layout.offsets_mm, targets)

@@ -386,7 +386,8 @@ def discover_dicom(folder: str | os.PathLike[str], modality: str | None = None) 
     root = _require_path(folder, "DICOM folder")
     if root.is_file():
         name = strip_image_suffix(root.name)
-        return [CaseEntry(case_id=sanitize_case_id(name), image=os.path.normpath(root), modality=normalise_modality(modality), source_name=name)]
+        entry = CaseEntry(sanitize_case_id(name), os.path.normpath(root), modality=normalise_modality(modality), source_name=name)
+        return [entry]
     dataset_modality = normalise_modality(modality)
     entries: list[CaseEntry] = []
     seen: set[str] = set()
@@ -448,7 +449,7 @@ def discover_images(folder: str | os.PathLike[str], modality: str | None = "XR")
     for p in candidates:
         rel = p.relative_to(root)
         name = "_".join((*rel.parts[:-1], strip_image_suffix(rel.name)))
-        entries.append(CaseEntry(case_id=sanitize_case_id(name), image=os.path.normpath(p), modality=dataset_modality, source_name=name))
+        entries.append(CaseEntry(sanitize_case_id(name), os.path.normpath(p), modality=dataset_modality, source_name=name))
     return entries
 
 
