@@ -154,3 +154,37 @@ def make_training_store(root: Path, n_cases: int = 4) -> Path:
     splits = {"dataset": "toy", "seed": 0, "train": ids[:-2], "val": ids[-2:-1], "test": ids[-1:]}
     (folder / "splits.json").write_text(json.dumps(splits), encoding="utf-8")
     return folder
+
+
+def varied_package(run: Path, out: Path, probe: Path) -> Path:
+    """A copy of ``run``'s package whose labels follow the image: a few-step model predicts one class
+    almost everywhere, which would let a flipped or shifted label map pass unnoticed.
+
+    The segmentation head is replaced by two decoder feature channels (class 1 and 2 logits) and a
+    small constant (class 0), channels chosen on ``probe`` so that each class covers part of it.
+    """
+    import torch
+
+    from medclust.io.sources import CaseEntry
+    from medclust.predict import Predictor, load_package, write_package
+
+    predictor = Predictor(run, device="cpu")
+    prepared = predictor.prepare(CaseEntry("probe", str(probe)))
+    seen = []
+    hook = predictor.model.segmentation_head.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    predictor.logits(prepared)
+    hook.remove()
+    positive = (torch.cat(seen) > 0).float().mean(dim=(0, 2, 3))
+    first = int(torch.argmin((positive - 0.6).abs()))
+    rest = (positive - 0.25).abs()
+    rest[first] = float("inf")
+    second = int(torch.argmin(rest))
+    package = load_package(run)
+    state = package.load_state_dict()
+    weight = torch.zeros_like(state["segmentation_head.0.weight"])
+    weight[1, first, 1, 1], weight[2, second, 1, 1] = 1.0, 3.0
+    state["segmentation_head.0.weight"] = weight
+    state["segmentation_head.0.bias"] = torch.tensor([1e-4, 0.0, 0.0])
+    meta = {k: v for k, v in package.meta.items() if k not in ("format", "format_version", "weights")}
+    write_package(out, meta, state)
+    return out

@@ -19,7 +19,16 @@ from medclust.io.slice_store import read_attrs
 from medclust.predict import load_package, predict_inputs, write_package, write_pretrain_package
 from medclust.predict.bundle import export_bundle
 from medclust.train.recipes.finetune import run_finetune
-from predict_helpers import SEG_SETTINGS, ct_volume, make_training_store, ras_affine, write_dicom_series, write_itk, write_nifti
+from predict_helpers import (
+    SEG_SETTINGS,
+    ct_volume,
+    make_training_store,
+    ras_affine,
+    varied_package,
+    write_dicom_series,
+    write_itk,
+    write_nifti,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +60,12 @@ def new_scans(seg_run):
         "png": png,
         "affine": affine,
     }
+
+
+@pytest.fixture(scope="module")
+def varied(seg_run, new_scans):
+    """The run's package with a head whose labels follow the image."""
+    return varied_package(seg_run["run"], seg_run["root"] / "varied", new_scans["nifti"])
 
 
 # -- the package -----------------------------------------------------------------------------------
@@ -142,10 +157,10 @@ def test_predict_sees_exactly_the_training_input(seg_run):
     assert float(ours.std()) > 0  # a real, non-constant output
 
 
-def test_predict_on_each_inputs_own_grid(tmp_path, seg_run, new_scans):
+def test_predict_on_each_inputs_own_grid(tmp_path, varied, new_scans):
     out = tmp_path / "out"
     inputs = [new_scans["nifti"], new_scans["nrrd"], new_scans["dicom"], new_scans["png"]]
-    summary = predict_inputs(seg_run["run"], inputs, out, progress=False)
+    summary = predict_inputs(varied, inputs, out, progress=False)
     assert summary["n_ok"] == 4, summary
     names = {r["case_id"]: r for r in summary["inputs"]}
     assert set(names) == {"oblique", "oblique_2", "series", "xray"}
@@ -159,21 +174,24 @@ def test_predict_on_each_inputs_own_grid(tmp_path, seg_run, new_scans):
         maps[case_id] = np.asarray(written.dataobj)
     # an oblique grid is not a resampled one: the NIfTI keeps the input's own (rotated) affine
     np.testing.assert_allclose(nib.load(out / "oblique.nii.gz").affine, new_scans["affine"], atol=1e-6)
-    # the same volume in three formats: the same labels, voxel for voxel
-    np.testing.assert_array_equal(maps["oblique"], maps["oblique_2"])
+    # the same volume in three formats: the same labels (the headers round the geometry
+    # differently in the last digits, which may move a voxel on a class boundary)
+    assert len(np.unique(maps["oblique"])) >= 2  # labels follow the image
+    assert (maps["oblique"] == maps["oblique_2"]).mean() > 0.999
     assert (maps["oblique"] == maps["series"]).mean() > 0.999
     assert maps["xray"].ndim == 2
     assert (out / "predict.json").is_file() and (out / "provenance.json").is_file()
     assert not list(out.glob(".*.tmp"))
 
 
-def test_dicom_seg_references_every_slice(tmp_path, seg_run, new_scans):
+def test_dicom_seg_references_every_slice(tmp_path, varied, new_scans):
     import highdicom as hd
     import pydicom
 
     out = tmp_path / "out"
-    predict_inputs(seg_run["run"], [new_scans["dicom"]], out, dicom_seg=True, progress=False)
+    predict_inputs(varied, [new_scans["dicom"]], out, dicom_seg=True, progress=False)
     labels = np.asarray(nib.load(out / "series.nii.gz").dataobj)
+    assert any((labels[..., z] != labels[..., 0]).any() for z in range(labels.shape[2]))  # slices differ
     seg = hd.seg.segread(out / "series.seg.dcm")
     assert seg.Modality == "SEG"
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["class_1", "class_2"]
@@ -263,13 +281,13 @@ def test_classification_and_detection_packages(tmp_path, seg_run, new_scans):
 # -- MONAI bundles ----------------------------------------------------------------------------------------
 
 
-def test_bundle_runs_with_monai_and_matches_predict(tmp_path, seg_run, new_scans):
+def test_bundle_runs_with_monai_and_matches_predict(tmp_path, varied, new_scans):
     from monai.bundle import ConfigParser
     from monai.bundle import run as bundle_run
     from monai.networks.nets import FlexibleUNet
 
     bundle = tmp_path / "bundle"
-    code = main(["export", "--bundle", "--model", str(seg_run["run"]), "--out", str(bundle)])
+    code = main(["export", "--bundle", "--model", str(varied), "--out", str(bundle)])
     assert code == 0
     for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/model.json", "docs/README.md"):
         assert (bundle / name).is_file(), name
@@ -287,13 +305,14 @@ def test_bundle_runs_with_monai_and_matches_predict(tmp_path, seg_run, new_scans
     bundle_run(run_id="run", init_id="initialize", config_file=str(bundle / "configs" / "inference.json"),
                meta_file=str(bundle / "configs" / "metadata.json"), logging_file=False, bundle_root=str(bundle),
                input_files=[str(source)], output_dir=str(tmp_path / "bundle_out"))
-    predict_inputs(seg_run["run"], [source], tmp_path / "predict_out", progress=False)
+    predict_inputs(varied, [source], tmp_path / "predict_out", progress=False)
     from_bundle = nib.load(tmp_path / "bundle_out" / "oblique.nii.gz")
     from_predict = nib.load(tmp_path / "predict_out" / "oblique.nii.gz")
+    assert len(np.unique(np.asarray(from_predict.dataobj))) >= 2
     np.testing.assert_array_equal(np.asarray(from_bundle.dataobj), np.asarray(from_predict.dataobj))
     np.testing.assert_allclose(from_bundle.affine, from_predict.affine)
     # the bundle's models/ folder is itself a package
-    assert load_package(bundle / "models").meta["task"] == load_package(seg_run["run"]).meta["task"]
+    assert load_package(bundle / "models").meta["task"] == load_package(varied).meta["task"]
 
 
 def test_encoder_package_and_bundle_load_into_flexible_unet(tmp_path, seg_run):
@@ -321,3 +340,47 @@ def test_encoder_package_and_bundle_load_into_flexible_unet(tmp_path, seg_run):
     assert unet.segmentation_head[0].out_channels == 4
     for key, value in state.items():
         torch.testing.assert_close(unet.encoder.state_dict()[key], value)
+
+
+# -- the Snakemake target ------------------------------------------------------------------------------
+
+
+def test_snakemake_predict_target_builds_the_run_then_predicts(tmp_path):
+    """`snakemake -n predict` with a `predict:` block: the named run is trained first, then predicted."""
+    import os
+    import re
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "config.yaml", tmp_path / "config.yaml")
+    (tmp_path / "scan.nrrd").write_bytes(b"")
+    (tmp_path / "jobs.yaml").write_text(
+        "predict:\n  new_scans:\n    model: results/finetune/chest_organs/joint/1.0/0\n"
+        "    inputs: [scan.nrrd, dicom/series]\n    dicom_seg: true\n", encoding="utf-8")
+    (tmp_path / "dicom" / "series").mkdir(parents=True)
+    done = subprocess.run(
+        ["snakemake", "-s", str(repo / "Snakefile"), "predict", "-n", "--nolock", "-p", "--configfile", "config.yaml", "jobs.yaml"],
+        cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert re.search(r"^predict_job\s+1$", out, re.M) and re.search(r"^finetune_run\s+1$", out, re.M)
+    command = next(line for line in out.splitlines() if "medclust predict --model" in line)
+    assert "--model results/finetune/chest_organs/joint/1.0/0 --input scan.nrrd --input dicom/series" in command
+    assert "--dicom-seg" in command and "--out results/predict/new_scans" in command
+
+
+def test_every_pretraining_run_writes_its_encoder_package(tmp_path):
+    from pretrain_helpers import make_stores, tiny_settings
+
+    from medclust.train.recipes import run_pretraining
+
+    stores = make_stores(tmp_path / "stores")
+    run_pretraining("none", tiny_settings(), stores, tmp_path / "none")
+    package = load_package(tmp_path / "none")
+    assert package.task_type == "encoder" and package.name == "none"
+    assert sorted(package.meta["preprocessing"]) == sorted(stores)
+    assert package.meta["training"]["recipe"] == "pretrain" and package.meta["training"]["method"] == "none"
+    encoder = torch.load(tmp_path / "none" / "encoder.pt", weights_only=True)
+    state = package.load_state_dict()  # sha256 of model.json matches the encoder.pt written
+    assert encoder.keys() == state.keys() and all(torch.equal(encoder[k], state[k]) for k in encoder)

@@ -2,17 +2,9 @@
 
 from medclust.predict.apply import Predictor, predict_inputs, slice_inference
 from medclust.predict.inputs import collect_inputs
-from medclust.predict.package import (
-    FORMAT_VERSION,
-    PACKAGE_FILE,
-    ModelPackage,
-    load_package,
-    store_preprocessing,
-    write_finetune_package,
-    write_package,
-    write_pretrain_package,
-)
+from medclust.predict.package import FORMAT_VERSION, PACKAGE_FILE, ModelPackage, load_package, write_package
 from medclust.predict.prepare import InputPreparer, PreparedInput
+from medclust.predict.recipes import store_preprocessing, write_finetune_package, write_pretrain_package
 
 __all__ = [
     "FORMAT_VERSION",

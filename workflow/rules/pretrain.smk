@@ -1,5 +1,6 @@
 # Pretraining: one run per {method} (owned by the pretraining stage).
-#   rule pretrain_method  results/pretrain/{method}/encoder.pt (+ metrics.csv, embeddings.npz,
+#   rule pretrain_method  results/pretrain/{method}/encoder.pt (+ model.json: with encoder.pt the
+#                         encoder's model package; metrics.csv, embeddings.npz,
 #                         provenance.json, slice_encoder.pt, tensorboard/). Its checkpoint/ folder is
 #                         NOT an output: it survives a failed, pre-empted or killed job, and the rerun
 #                         resumes from it ("resuming from step N" in the log); it also holds the live
@@ -19,6 +20,7 @@ rule pretrain_method:
         splits=lambda wildcards: [f"{RESULTS}/slices/{d}/splits.json" for d in pretrain_datasets()],
     output:
         encoder=f"{RESULTS}/pretrain/{{method}}/encoder.pt",
+        package=f"{RESULTS}/pretrain/{{method}}/model.json",
         metrics=f"{RESULTS}/pretrain/{{method}}/metrics.csv",
         embeddings=f"{RESULTS}/pretrain/{{method}}/embeddings.npz",
         provenance=f"{RESULTS}/pretrain/{{method}}/provenance.json",

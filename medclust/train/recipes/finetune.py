@@ -794,7 +794,7 @@ def run_finetune(
     write_provenance(out, {**run_settings, "init": init, "fraction": fraction, "seed": seed}, inputs)
     # scored here, not in a job of its own, which would pay the ~7 s torch + MONAI start-up again
     evaluate_run(out, run_settings)
-    from medclust.predict.package import write_finetune_package
+    from medclust.predict.recipes import write_finetune_package
 
     # the run folder is the model package: model.json, then model.pt (last, marks completion)
     model_path = write_finetune_package(out, model, run_settings, train_slices_dir or slices_dir, label_map=data.lut)

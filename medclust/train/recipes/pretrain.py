@@ -407,6 +407,10 @@ def run_pretraining(
         {"backbone": encoder.backbone_name, "d_model": encoder.d_model, "in_channels": encoder.in_channels, "state_dict": encoder.state_dict()},
         out_dir / "slice_encoder.pt",
     )
-    _save_torch_atomic(encoder.export_backbone_state(), out_dir / "encoder.pt")  # last: marks completion
+    from medclust.predict.recipes import write_pretrain_package
+
+    # the folder is the encoder's model package: model.json, then encoder.pt (last: marks completion)
+    store_dirs = list(stores.values()) if isinstance(stores, Mapping) else list(stores)
+    write_pretrain_package(out_dir, encoder.export_backbone_state(), method, s, store_dirs, final, {"steps": trainer.step, "cases": len(cases)})
     log.info("pretrain %s: wrote %s (%.1f s)", method, out_dir / "encoder.pt", time.perf_counter() - started)
     return out_dir / "encoder.pt"
