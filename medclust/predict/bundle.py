@@ -16,9 +16,11 @@ bundle run and ``medclust predict`` give the same labels. Inference is MONAI's `
 
 Run it (``monai.bundle`` needs no medclust CLI, only the package importable)::
 
-    python -m monai.bundle run --config_file BUNDLE/configs/inference.json \\
-        --meta_file BUNDLE/configs/metadata.json --bundle_root BUNDLE \\
-        --input_files "['scan.nii.gz']" --output_dir out
+    from monai.bundle import run
+    run(config_file="BUNDLE/configs/inference.json", meta_file="BUNDLE/configs/metadata.json",
+        bundle_root="BUNDLE", input_files=["scan.nii.gz"], output_dir="out")
+
+(``python -m monai.bundle run --config_file ...`` is the same from a shell; it needs ``fire``.)
 
 A pretrained encoder's bundle holds the ``ResNetEncoder`` weights and two networks,
 ``network_def`` (the encoder) and ``flexible_unet_def``, with ``load_into_flexible_unet`` loading
@@ -448,10 +450,15 @@ as `configs/metadata.json` → `medclust.preprocessing` records (one block per p
 
 Run on new images (files, DICOM series folders):
 
-```bash
-python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \\
-    --bundle_root . --input_files "['scan.nii.gz']" --output_dir eval
+```python
+from monai.bundle import run
+
+run(config_file="configs/inference.json", meta_file="configs/metadata.json", bundle_root=".",
+    input_files=["scan.nii.gz"], output_dir="eval")
 ```
+
+(or `python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json
+--bundle_root . --input_files "['scan.nii.gz']" --output_dir eval`, which needs `pip install fire`).
 
 The same model as a medclust package: `medclust predict --model models --input scan.nii.gz --out eval`.
 Preprocessing (orientation, spacing, in-plane size, intensity normalisation) is the one recorded
