@@ -133,7 +133,12 @@ BAD: dict[str, tuple] = {
     ),
     "radiograph_zero_spacing": (
         lambda d: write_radiograph_dicom(d / "radiograph_zero_spacing.dcm", radiograph_pixels(20, 16), imager_spacing=(0.0, 0.0)),
-        "invalid geometry: ImagerPixelSpacing 0\\0 mm (each must be a positive number)",
+        "invalid geometry: ImagerPixelSpacing 0\\0 mm (an uncalibrated detector: its pixel size is unknown); "
+        "set the dataset's assume_pixel_spacing to accept it",
+    ),
+    "radiograph_negative_spacing": (
+        lambda d: write_radiograph_dicom(d / "radiograph_negative_spacing.dcm", radiograph_pixels(20, 16), imager_spacing=(-0.2, 0.2)),
+        "invalid geometry: ImagerPixelSpacing -0.2\\0.2 mm (each must be a positive number)",
     ),
 }
 
@@ -228,3 +233,19 @@ def test_standalone_preprocess_of_a_zero_affine_is_one_line(tmp_path, capsys):
         f"medclust preprocess: error: {path}: invalid geometry: voxel size 0x0x0 mm in the header (a voxel size is zero)"
     )
     assert not out.exists()
+
+
+def test_an_uncalibrated_radiograph_passes_only_with_a_declared_pixel_spacing(tmp_path):
+    """PixelSpacing 0\\0 (pydicom's real RG1_UNCR.dcm): refused by default, kept with assume_pixel_spacing."""
+    data = tmp_path / "data"
+    path = write_radiograph_dicom(data / "uncal.dcm", radiograph_pixels(20, 16), imager_spacing=(0.0, 0.0))
+    manifest = _manifest(data, [path])
+    with pytest.raises(BadInputError, match="assume_pixel_spacing"):
+        ingest_dataset(_settings(manifest, "fail"), tmp_path / "a" / "q.tsv", tmp_path / "a" / "c.json")
+    settings = {**_settings(manifest, "fail"), "assume_pixel_spacing": [0.4, 0.25]}
+    ingest_dataset(settings, tmp_path / "b" / "q.tsv", tmp_path / "b" / "c.json")
+    _, cases = read_cases(tmp_path / "b" / "c.json")
+    assert cases[0].assume_spacing == (0.4, 0.25)  # carried to preprocessing through the case list
+    image = load_image(cases[0].image, assume_spacing=cases[0].assume_spacing)
+    assert image.meta["spacing_source"] == "assume_pixel_spacing (header ImagerPixelSpacing 0\\0)"
+    assert np.allclose(np.diag(image.affine)[:2], [0.25, 0.4])  # x = column, y = row

@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,14 +202,26 @@ def read_itk(path: str | os.PathLike[str], max_voxels: int | None = None) -> Ima
     return _from_sitk(image, path, "itk", None)
 
 
-def read_dicom_2d(path: str | os.PathLike[str], max_voxels: int | None = None) -> ImageData:
+def read_dicom_2d(
+    path: str | os.PathLike[str],
+    max_voxels: int | None = None,
+    assume_spacing: Sequence[float] | None = None,
+) -> ImageData:
     """Read a single-frame DICOM image (radiograph) with pydicom.
 
     The modality LUT (rescale slope/intercept) is applied and ``MONOCHROME1`` images are
     inverted (``min + max - value``) so that, as for ``MONOCHROME2``, larger means brighter.
     Pixel spacing comes from ``PixelSpacing`` or, for projection radiographs,
-    ``ImagerPixelSpacing`` (row spacing first); 1 mm if neither is present. A spacing that is
-    present but zero, negative or not a number is an error, not 1 mm.
+    ``ImagerPixelSpacing`` (row spacing first); ``assume_spacing`` (else 1 mm) if neither is
+    present. A spacing that is present but negative or not a number is an error, not 1 mm; an
+    all-zero one (an uncalibrated detector, e.g. pydicom's RG1_UNCR.dcm) is an error unless
+    the dataset declares ``assume_pixel_spacing``, which is then used and recorded as the
+    spacing source.
+
+    Args:
+        path: the DICOM file.
+        max_voxels: the most pixels accepted (None: no limit), checked before decoding.
+        assume_spacing: (row, column) mm to use when the header records no usable spacing.
 
     Raises:
         BadInputError: unreadable, truncated, no pixel data, multi-frame, more than
@@ -253,13 +266,25 @@ def read_dicom_2d(path: str | os.PathLike[str], max_voxels: int | None = None) -
             numbers = [float(v) for v in items]
         except (TypeError, ValueError):
             numbers = []
+        if len(numbers) == 2 and all(v == 0 for v in numbers):
+            if assume_spacing is None:
+                raise BadInputError(
+                    path,
+                    f"invalid geometry: {key} 0\\0 mm (an uncalibrated detector: its pixel size is unknown); "
+                    "set the dataset's assume_pixel_spacing to accept it",
+                )
+            spacing_source = f"assume_pixel_spacing (header {key} 0\\0)"
+            spacing = (float(assume_spacing[0]), float(assume_spacing[1]))
+            break
         if len(numbers) != 2 or not all(np.isfinite(v) and v > 0 for v in numbers):
             shown = "\\".join(format_number(v) for v in numbers) if numbers else repr(str(value))
             raise BadInputError(path, f"invalid geometry: {key} {shown} mm (each must be a positive number)")
         spacing = (numbers[0], numbers[1])
         spacing_source = key
         break
-    if spacing is None:
+    if spacing is None and assume_spacing is not None:
+        spacing, spacing_source = (float(assume_spacing[0]), float(assume_spacing[1])), "assume_pixel_spacing"
+    elif spacing is None:
         spacing, spacing_source = (1.0, 1.0), "default 1 mm"
     # (row, column) pixel matrix -> MONAI's (x = column, y = row); DICOM spacing is row-first.
     affine = np.diag([spacing[1], spacing[0], 1.0, 1.0])
@@ -306,6 +331,7 @@ def load_image(
     *,
     max_voxels: int | None = None,
     resample_gaps: bool = False,
+    assume_spacing: Sequence[float] | None = None,
 ) -> ImageData:
     """Load any supported image (see the module docstring).
 
@@ -316,6 +342,8 @@ def load_image(
             limit).
         resample_gaps: a DICOM series with missing slices or irregular spacing is resampled
             onto a regular grid at its true slice positions instead of being refused.
+        assume_spacing: (row, column) mm for a single-frame DICOM whose header records no
+            usable pixel spacing (the dataset's ``assume_pixel_spacing``).
 
     Returns:
         The image with its RAS affine.
@@ -333,7 +361,7 @@ def load_image(
     if kind == "dicom_series":
         return read_dicom_series(path, series_uid, resample_gaps=resample_gaps, max_voxels=max_voxels)
     if kind == "dicom":
-        return read_dicom_2d(path, max_voxels)
+        return read_dicom_2d(path, max_voxels, assume_spacing)
     return read_image_2d(path, max_voxels)
 
 

@@ -83,6 +83,8 @@ class CaseEntry:
             always land in the same split.
         resample_gaps: the DICOM series has missing slices or irregular spacing and is
             resampled onto a regular grid when read (``dicom_gaps: resample``; set by ingest).
+        assume_spacing: (row, column) mm for a radiograph whose header records no usable
+            pixel spacing (the dataset's ``assume_pixel_spacing``; set by ingest).
         error: a problem found during discovery (missing file, bad value); ingest reports it.
         source_name: the name the id was made from (not written; keeps ids unique).
     """
@@ -97,6 +99,7 @@ class CaseEntry:
     series_uid: str | None = None
     group: str | None = None
     resample_gaps: bool = False
+    assume_spacing: tuple[float, float] | None = None
     error: BadInputError | None = field(default=None, compare=False)
     source_name: str | None = field(default=None, compare=False, repr=False)
 
@@ -118,6 +121,8 @@ class CaseEntry:
             record["group"] = self.group
         if self.resample_gaps:
             record["resample_gaps"] = True
+        if self.assume_spacing is not None:
+            record["assume_pixel_spacing"] = list(self.assume_spacing)
         return record
 
     @classmethod
@@ -134,7 +139,16 @@ class CaseEntry:
             series_uid=record.get("series_uid"),
             group=record.get("group"),
             resample_gaps=bool(record.get("resample_gaps", False)),
+            assume_spacing=_spacing_pair(record.get("assume_pixel_spacing")),
         )
+
+
+def _spacing_pair(value: Any) -> tuple[float, float] | None:
+    """``[row, column]`` mm from a config or case record, or None."""
+    if value is None:
+        return None
+    row, column = (float(v) for v in value)
+    return (row, column)
 
 
 def strip_image_suffix(name: str) -> str:

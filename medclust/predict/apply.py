@@ -257,6 +257,7 @@ def predict_inputs(
     batch_size: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    assume_pixel_spacing: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Predict every input with a model package and write the results into ``out_dir``.
 
@@ -271,6 +272,8 @@ def predict_inputs(
         batch_size: slices per forward pass.
         device: ``cuda``/``cpu`` (default: CUDA when present).
         progress: show a progress bar over the inputs.
+        assume_pixel_spacing: (row, column) mm for radiographs whose header records no usable
+            pixel spacing (as a dataset's ``assume_pixel_spacing``).
 
     Returns:
         The ``predict.json`` record.
@@ -296,6 +299,9 @@ def predict_inputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = collect_inputs(inputs, modality)
+    if assume_pixel_spacing is not None:
+        for entry in entries:
+            entry.assume_spacing = (float(assume_pixel_spacing[0]), float(assume_pixel_spacing[1]))
     class_names = package.classes
     records: list[dict[str, Any]] = []
     table: list[dict[str, Any]] = []

@@ -120,7 +120,14 @@ class InputPreparer:
 
         forced = normalise_modality(modality) if modality else None
         fallback = forced or entry.modality or (self.trained[0] if len(self.trained) == 1 else None)
-        probe = CaseEntry(entry.case_id, entry.image, modality=fallback, series_uid=entry.series_uid, error=entry.error)
+        probe = CaseEntry(
+            entry.case_id,
+            entry.image,
+            modality=fallback,
+            series_uid=entry.series_uid,
+            assume_spacing=entry.assume_spacing,
+            error=entry.error,
+        )
         try:
             image, _ = check_case(probe)
         except BadInputError as err:

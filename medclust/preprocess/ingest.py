@@ -139,7 +139,13 @@ def check_case(entry: CaseEntry, max_voxels: int | None = None) -> tuple[ImageDa
     """
     if entry.error is not None:
         raise entry.error
-    image = load_image(entry.image, entry.series_uid, max_voxels=max_voxels, resample_gaps=entry.resample_gaps)
+    image = load_image(
+        entry.image,
+        entry.series_uid,
+        max_voxels=max_voxels,
+        resample_gaps=entry.resample_gaps,
+        assume_spacing=entry.assume_spacing,
+    )
     _check_values(image)
     if entry.modality is None:
         entry.modality = image.modality
@@ -213,6 +219,10 @@ def ingest_dataset(
     if not entries:
         raise BadInputError(source, f"no cases found (format {settings.get('format')})")
     _mark_duplicates(entries)
+    assume = settings.get("assume_pixel_spacing")
+    if assume is not None:
+        for entry in entries:
+            entry.assume_spacing = (float(assume[0]), float(assume[1]))
     records: list[QCRecord] = []
     started = time.perf_counter()
     for number, entry in enumerate(entries, start=1):

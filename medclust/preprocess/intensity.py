@@ -238,7 +238,10 @@ def _foreground_samples(
     used: list[CaseEntry] = []
     total = 0
     for case in cases:
-        image = load_image(case.image, case.series_uid, resample_gaps=case.resample_gaps)  # as preprocessing reads it
+        # read as preprocessing reads it
+        image = load_image(
+            case.image, case.series_uid, resample_gaps=case.resample_gaps, assume_spacing=case.assume_spacing
+        )
         array = np.asarray(image.array)
         if foreground == "labels":
             label = np.asarray(load_image(case.label).array)  # type: ignore[arg-type]

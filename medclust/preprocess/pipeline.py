@@ -490,7 +490,9 @@ def preprocess_case(
     entry = case if isinstance(case, CaseEntry) else CaseEntry.from_dict(case)
     prep = settings if isinstance(settings, PreprocessSettings) else PreprocessSettings.from_dict(settings)
     started = time.perf_counter()
-    image = load_image(entry.image, entry.series_uid, resample_gaps=entry.resample_gaps)
+    image = load_image(
+        entry.image, entry.series_uid, resample_gaps=entry.resample_gaps, assume_spacing=entry.assume_spacing
+    )
     label = load_image(entry.label) if entry.label else None
     loaded = time.perf_counter()
     modality = entry.modality or image.modality
