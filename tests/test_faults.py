@@ -29,7 +29,7 @@ from medclust.io.slice_store import write_case
 from medclust.train import Trainer, TrainerConfig
 from medclust.train.checkpoint import CheckpointStore
 from medclust.train.distributed import DistContext
-from medclust.train.seeding import shield_worker_from_preemption
+from medclust.train.seeding import shield_worker_from_preemption, worker_init_fn
 
 REPO = Path(__file__).resolve().parents[1]
 #: an error must end the command this fast (the hang it guards against lasted until killed)
@@ -83,6 +83,53 @@ def test_worker_survives_a_job_wide_sigterm_but_stops_on_its_parents() -> None:
     finally:
         if worker.is_alive():
             worker.kill()
+
+
+class _Pids(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.ones(4, 1), "pid": torch.tensor([os.getpid()])}
+
+
+class _FailingLoaderTask:
+    """Batches from a 2-worker DataLoader; the third training step raises."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+
+    def build_model(self) -> nn.Module:
+        return nn.Linear(1, 1)
+
+    def batches(self, epoch: int, rank: int, world_size: int):
+        return torch.utils.data.DataLoader(_Pids(), batch_size=None, num_workers=2, worker_init_fn=worker_init_fn)
+
+    def training_step(self, model: nn.Module, batch, step: int):
+        self.pids.add(int(batch["pid"]))
+        if step == 2:
+            raise ValueError("injected failure in the training process")
+        return {"loss": model(batch["x"]).pow(2).mean()}
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_trainer_stops_its_loader_workers_when_a_step_fails(tmp_path: Path) -> None:
+    task = _FailingLoaderTask()
+    cfg = TrainerConfig(max_steps=10, lr=0.1, log_every=1, progress=False, tensorboard=False)
+    with pytest.raises(ValueError, match="injected failure") as info:
+        Trainer(cfg, tmp_path, tmp_path / "checkpoint").fit(task)
+    # the traceback (kept here, as an uncaught error keeps it until exit) still holds the loader
+    assert info.traceback and task.pids and os.getpid() not in task.pids
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in task.pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in task.pids if _running(pid)]
 
 
 _FAIL_IN = """

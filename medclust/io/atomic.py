@@ -1,10 +1,11 @@
 """Write-then-rename helpers: a reader never sees a half-written output.
 
 Every output goes to a hidden temporary file beside it (``.{name}.XXXXXXXX.tmp``) and is renamed
-onto its final name only when complete. Three guarantees follow:
+onto its final name only when complete (and flushed to disk). Three guarantees follow:
 
-- a failed or killed write never leaves the final file half-written (a kill leaves the hidden
-  temporary file, which the next write of the same file removes: :func:`remove_stale_temps`);
+- a failed or killed write, or a crashed node, never leaves the final file half-written (a kill
+  leaves the hidden temporary file, which the next write of the same file removes:
+  :func:`remove_stale_temps`);
 - a full disk or quota raises :class:`~medclust.errors.DiskFullError` (one line naming the file)
   instead of a library traceback, with the temporary file removed;
 - inside :func:`publish_together`, the renames of several outputs are held back and done in one
@@ -33,6 +34,7 @@ from medclust.errors import DiskFullError
 __all__ = [
     "atomic_path",
     "disk_full_guard",
+    "fsync_file",
     "is_disk_full",
     "publish_together",
     "remove_stale_temps",
@@ -59,6 +61,15 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush ``path``'s data to disk, so that a rename after it never exposes an empty file after a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _temp_pattern(final: Path) -> str:
@@ -172,6 +183,7 @@ def atomic_path(path: str | os.PathLike[str], immediate: bool = False) -> Iterat
             # mkstemp creates 0600; outputs must be as readable as any other file (SLURM jobs, other users)
             if tmp.is_file():
                 tmp.chmod(0o666 & ~_current_umask())
+                fsync_file(tmp)
             if pending is None:
                 os.replace(tmp, final)
             else:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from medclust.errors import MedclustError
-from medclust.io.atomic import disk_full_guard, torch_bytes
+from medclust.io.atomic import disk_full_guard, fsync_file, torch_bytes
 from medclust.train.distributed import DistContext, barrier
 
 __all__ = ["CheckpointStore", "load_weights"]
@@ -40,6 +40,7 @@ def _save_file(obj: Any, path: Path) -> None:
     # serialised in memory and written by Python: a full disk is then an OSError with its errno,
     # not torch's "unexpected pos N vs M"
     path.write_bytes(torch_bytes(obj))
+    fsync_file(path)  # the folder rename must not expose empty files after a node crash
 
 
 def load_weights(path: str | os.PathLike[str]) -> Any:
