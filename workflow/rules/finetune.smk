@@ -3,7 +3,8 @@
 #                      model package with model.pt; run.json,
 #                      metrics.json and per_case.csv (the test scores), predictions, val.csv,
 #                      metrics.csv, provenance.json; checkpoint/ is not an output so that a
-#                      pre-empted run resumes)
+#                      pre-empted or killed run resumes; it holds the live metrics.csv, and
+#                      metrics.csv in the run folder is written when training has finished)
 # The target rule `finetune` (Snakefile) collects finetune_targets; helpers are in common.smk.
 
 
