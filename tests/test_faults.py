@@ -24,7 +24,7 @@ from torch import nn
 from medclust.cli import describe_error
 from medclust.errors import BadInputError, DiskFullError, MedclustError
 from medclust.io import atomic
-from medclust.io.atomic import atomic_path, is_disk_full, publish_together, save_torch_atomic, staged_path, write_json_atomic
+from medclust.io.atomic import is_disk_full, publish_together, save_torch_atomic, staged_path, write_json_atomic
 from medclust.io.slice_store import write_case
 from medclust.train import Trainer, TrainerConfig
 from medclust.train.checkpoint import CheckpointStore
