@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from medclust.io.atomic import write_json_atomic
+from medclust.io.atomic import staged_path, write_json_atomic
 
 _PACKAGES = ("medclust", "torch", "monai", "numpy", "nibabel", "SimpleITK", "pydicom", "h5py", "snakemake")
 
@@ -75,7 +75,8 @@ def write_provenance(
         "git_commit": git_commit(),
         "command": sys.argv,
         "host": platform.node(),
-        "inputs": {str(p): sha256_file(p) for p in inputs if Path(p).is_file()},
+        # staged_path: an input written earlier in the same publish_together block is still pending
+        "inputs": {str(p): sha256_file(staged_path(p)) for p in inputs if staged_path(p).is_file()},
     }
     path = Path(out_dir) / name
     write_json_atomic(path, record)

@@ -538,3 +538,29 @@ def test_ignore_real_lesions_masks_a_ball_around_each_real_lesion(tmp_path):
     assert ignore.shape == img.shape and ignore.dtype == bool
     assert ignore[10, 16, 16] and not ignore[25, 4, 4]  # a ball at the real lesion, nothing far away
     assert any("ignore_real_lesions" in note for note in data.notes)
+
+
+def test_declared_outputs_appear_together_or_not_at_all(tmp_path, chest_store, monkeypatch):
+    """A run that fails after scoring (as a kill would) leaves no declared output behind, so
+    Snakemake reruns it without --rerun-incomplete; a run that finishes has all of them."""
+    import medclust.predict.recipes as recipes
+
+    settings = {**TINY, "task": "square", "type": "classification", "dataset": "vol", "split": "slabs",
+                "target": "slice_structures", "min_pixels": 5, "label_groups": {"square": [7]}}
+    declared = ["run.json", "metrics.json", "per_case.csv", "model.json", "model.pt"]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed while writing the package")
+
+    monkeypatch.setattr(recipes, "write_finetune_package", fail)
+    with pytest.raises(RuntimeError):
+        run_finetune(settings, chest_store, tmp_path / "run", "none", 1.0, 0)
+    assert [n for n in declared if (tmp_path / "run" / n).exists()] == []
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    monkeypatch.undo()
+    run_finetune(settings, chest_store, tmp_path / "run", "none", 1.0, 0)
+    assert [n for n in declared if (tmp_path / "run" / n).exists()] == declared
+    run = json.loads((tmp_path / "run" / "run.json").read_text(encoding="utf-8"))
+    provenance = json.loads((tmp_path / "run" / "evaluate_provenance.json").read_text(encoding="utf-8"))
+    assert str(tmp_path / "run" / "run.json") in provenance["inputs"]  # hashed while still pending
+    assert run["type"] == "classification"

@@ -43,7 +43,7 @@ from medclust.evaluate.run_records import (  # noqa: F401  (re-exported: report 
     write_per_case,
 )
 from medclust.evaluate.statistics import CaseResampler, loop_resampler, mean_of_columns_resampler
-from medclust.io.atomic import write_json_atomic
+from medclust.io.atomic import staged_path, write_json_atomic
 from medclust.provenance import write_provenance
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,8 @@ def evaluate_run(run_dir: str | Path, settings: Mapping[str, Any] | None = None)
     opts = EvaluationSettings.from_dict(settings)
     run_json = run_dir / "run.json"
     try:
-        run = json.loads(run_json.read_text(encoding="utf-8"))
+        # staged_path: inside the fine-tuning run's publish_together block run.json is still pending
+        run = json.loads(staged_path(run_json).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise BadInputError(run_json, f"cannot read run description: {err}") from err
     task_type = run.get("type")

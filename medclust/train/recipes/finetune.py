@@ -53,7 +53,7 @@ from medclust.data.downstream import (
 )
 from medclust.errors import BadInputError, MedclustError
 from medclust.evaluate.predict import group_peaks, pad_to_multiple, predict_logits, predict_segmentation, predict_slices
-from medclust.io.atomic import write_json_atomic, write_text_atomic
+from medclust.io.atomic import publish_together, write_json_atomic, write_text_atomic
 from medclust.io.original_grid import store_to_original, world_to_store_index, write_label_nifti
 from medclust.models.heads import build_task_model, heatmap_focal_loss
 from medclust.preprocess.intensity import hu_to_store, store_value_range
@@ -783,7 +783,6 @@ def run_finetune(
         record["predictions"] = "detections.csv"
     record["timing_s"] = {"train": round(trained_at - started, 2), "total": round(time.perf_counter() - started, 2)}
     _write_val_csv(out / "val.csv", task.val_rows)
-    write_json_atomic(out / "run.json", record)
     inputs = [Path(slices_dir) / "index.json", Path(slices_dir) / "splits.json"]
     if train_slices_dir is not None:
         inputs += [Path(train_slices_dir) / "index.json", Path(train_slices_dir) / "splits.json"]
@@ -791,13 +790,18 @@ def run_finetune(
         inputs.append(Path(encoder))
     if data.settings.get("lesion_table"):
         inputs.append(Path(data.settings["lesion_table"]))
-    write_provenance(out, {**run_settings, "init": init, "fraction": fraction, "seed": seed}, inputs)
-    # scored here, not in a job of its own, which would pay the ~7 s torch + MONAI start-up again
-    evaluate_run(out, run_settings)
     from medclust.predict.recipes import write_finetune_package
 
-    # the run folder is the model package: model.json, then model.pt (last, marks completion)
-    model_path = write_finetune_package(out, model, run_settings, train_slices_dir or slices_dir, label_map=data.lut)
+    # The declared outputs (run.json, metrics.json, per_case.csv, model.json, model.pt) appear
+    # together at the end: a job killed before leaves none of them, so a plain rerun redoes it
+    # (no --rerun-incomplete).
+    with publish_together():
+        write_json_atomic(out / "run.json", record)
+        write_provenance(out, {**run_settings, "init": init, "fraction": fraction, "seed": seed}, inputs)
+        # scored here, not in a job of its own, which would pay the ~7 s torch + MONAI start-up again
+        evaluate_run(out, run_settings)
+        # the run folder is the model package: model.json + model.pt
+        model_path = write_finetune_package(out, model, run_settings, train_slices_dir or slices_dir, label_map=data.lut)
     if not bool(run_settings.get("keep_checkpoint", False)):
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     log.info("wrote %s in %.1f s (training %.1f s)", out, time.perf_counter() - started, trained_at - started)
