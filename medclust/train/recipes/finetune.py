@@ -74,10 +74,17 @@ def _seed(*parts: int) -> np.random.Generator:
 
 
 def dataset_label_names(entry: Mapping[str, Any] | None) -> dict[int, str]:
-    """Label value -> name of a dataset: its config ``label_names``, else an MSD ``dataset.json``."""
+    """Label value -> name of a dataset: its config ``label_names``, else an MSD ``dataset.json``.
+
+    Simulated radiographs (format ``drr``) without names of their own take those of their
+    source CT dataset (``source_entry``, filled in by the workflow): their labels are the
+    source's structure ids projected.
+    """
     entry = dict(entry or {})
     if entry.get("label_names"):
         return {int(k): str(v) for k, v in entry["label_names"].items()}
+    if entry.get("format") == "drr" and entry.get("source_entry"):
+        return dataset_label_names(entry["source_entry"])
     path = entry.get("path")
     if path and entry.get("format") == "msd":
         meta = Path(path) / "dataset.json"
