@@ -41,7 +41,7 @@ from medclust.io.atomic import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-DRR_MANIFEST_COLUMNS = ("image", "label", "modality", "split", "simulated", "source_case", "angle_deg")
+DRR_MANIFEST_COLUMNS = ("image", "label", "modality", "split", "simulated", "source_case", "group", "angle_deg")
 
 
 def hu_to_attenuation(hu: np.ndarray, mu_water: float) -> np.ndarray:
@@ -252,6 +252,31 @@ def _write_nifti_2d(array_hw: np.ndarray, pixel_spacing: float, path: Path, desc
         tmp.write_bytes(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
+def angle_splits(settings: Mapping[str, Any]) -> dict[float, str]:
+    """Fixed split per projection angle from the ``drr`` block (``val_angles``, ``test_angles``).
+
+    Args:
+        settings: the config ``drr`` block.
+
+    Returns:
+        ``{angle mod 360: "val" | "test"}``; empty when no angle has a fixed split.
+
+    Raises:
+        MedclustError: an angle is listed in both, or is not one of ``angles``.
+    """
+    angles = {float(a) % 360 for a in settings.get("angles", [0, 90, 180, 270])}
+    fixed: dict[float, str] = {}
+    for split in ("val", "test"):
+        for angle in settings.get(f"{split}_angles") or []:
+            key = float(angle) % 360
+            if key not in angles:
+                raise MedclustError(f"drr.{split}_angles: {angle:g} is not one of drr.angles")
+            if fixed.get(key, split) != split:
+                raise MedclustError(f"drr: angle {angle:g} is in both val_angles and test_angles")
+            fixed[key] = split
+    return fixed
+
+
 def _resolve(path_text: str, cases_json: Path) -> Path:
     path = Path(path_text)
     if path.is_absolute() or path.exists():
@@ -271,11 +296,16 @@ def simulate_drr_dataset(
             "image", "label", "modality", "split", ...}]}``).
         out_dir: ``results/drr/{dataset}``; receives ``images/``, ``labels/``, ``drr.json``,
             ``provenance.json`` and, last, ``manifest.tsv``.
-        settings: the config ``drr`` block: ``angles``, ``mu_water``, ``pixel_spacing``.
+        settings: the config ``drr`` block: ``angles``, ``mu_water``, ``pixel_spacing``,
+            ``val_angles``, ``test_angles``.
 
     Returns:
         The manifest path. Columns: image, label (paths relative to the manifest), modality
-        (XR), split (the source case's, or empty), simulated (true), source_case, angle_deg.
+        (XR), split, simulated (true), source_case, group, angle_deg. Without angle splits
+        every view takes its source case's split and group (views of one CT never straddle
+        splits). With ``val_angles``/``test_angles`` the views split by angle instead: those
+        angles are val/test, the others train, and each view is its own group, so a task on
+        them tests unseen projection angles of the same CTs, not unseen patients.
     """
     from medclust.provenance import write_provenance
 
@@ -284,6 +314,7 @@ def simulate_drr_dataset(
     angles = [float(a) for a in settings.get("angles", [0, 90, 180, 270])]
     mu_water = float(settings.get("mu_water", 0.02))
     pixel_spacing = float(settings.get("pixel_spacing", 1.0))
+    by_angle = angle_splits(settings)
     try:
         source = json.loads(cases_json.read_text(encoding="utf-8"))
         cases = source["cases"]
@@ -329,7 +360,9 @@ def simulate_drr_dataset(
             if drr_label is not None:
                 label_rel = f"labels/{case_id}.nii.gz"
                 _write_nifti_2d(drr_label, pixel_spacing, out / label_rel, what + " labels")
-            split = case.get("split") or ""
+            split, group = case.get("split") or "", str(case["case_id"])
+            if by_angle:
+                split, group = by_angle.get(angle % 360, "train"), case_id
             rows.append(
                 {
                     "image": image_rel,
@@ -338,6 +371,7 @@ def simulate_drr_dataset(
                     "split": split,
                     "simulated": "true",
                     "source_case": str(case["case_id"]),
+                    "group": group,
                     "angle_deg": f"{angle:g}",
                 }
             )
@@ -368,6 +402,7 @@ def simulate_drr_dataset(
             "mu_water_per_mm": mu_water,
             "pixel_spacing_mm": pixel_spacing,
             "angles_deg": angles,
+            "split_by_angle": {f"{a:g}": v for a, v in sorted(by_angle.items())},
             "label_values": "structure ids of the source dataset's labels",
             "images": records,
         },

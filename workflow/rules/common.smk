@@ -453,9 +453,17 @@ def finetune_settings(task):
     merged["train_dataset"] = train_dataset
     merged["backbone"] = config["pretrain"].get("backbone", "resnet18")
     merged["ct_window"] = preprocess_settings(train_dataset)["ct_window"]
-    merged["dataset_entry"] = dict(DATASETS[merged["dataset"]])
-    merged["train_dataset_entry"] = dict(DATASETS[train_dataset])
+    merged["dataset_entry"] = finetune_dataset_entry(merged["dataset"])
+    merged["train_dataset_entry"] = finetune_dataset_entry(train_dataset)
     return merged
+
+
+def finetune_dataset_entry(dataset):
+    """A dataset's config entry; simulated radiographs carry their source CT's (its label names)."""
+    entry = dict(DATASETS[dataset])
+    if entry.get("format") == "drr" and entry.get("source") in DATASETS:
+        entry["source_entry"] = dict(DATASETS[entry["source"]])
+    return entry
 
 
 def finetune_inputs(wildcards):

@@ -73,6 +73,13 @@ def _seed(*parts: int) -> np.random.Generator:
 # -- label names and lesion tables ----------------------------------------------------------------
 
 
+def _truthy(value: Any) -> bool:
+    """A store attr flag (bool, numpy bool or its text) as a bool."""
+    if isinstance(value, (bytes, str)):
+        return str(value.decode() if isinstance(value, bytes) else value).strip().lower() in ("1", "true", "yes")
+    return bool(value) if value is not None else False
+
+
 def dataset_label_names(entry: Mapping[str, Any] | None) -> dict[int, str]:
     """Label value -> name of a dataset: its config ``label_names``, else an MSD ``dataset.json``.
 
@@ -173,7 +180,7 @@ class TaskData:
         multilabel: classification with independent sigmoid outputs.
         lut: raw label value -> class (segmentation, slice labels).
         case_level: classification with one label per case (bags of slices).
-        trained_on: ``real labels`` or ``simulated nodules``.
+        trained_on: ``real labels``, ``simulated nodules`` or ``simulated images`` (e.g. DRRs).
         notes: free text recorded in run.json.
     """
 
@@ -238,6 +245,9 @@ def prepare_task_data(
     splits = read_store_json(train_dir, "splits.json") if settings.get("split", "cases") == "cases" else None
     label_names = dataset_label_names(settings.get("train_dataset_entry") or settings.get("dataset_entry"))
     all_cases = data.train_cases if same else data.train_cases + data.test_cases
+    if any(_truthy(c.attrs.get("simulated")) for c in data.train_cases):
+        # e.g. DRRs: the images themselves are simulated, so every table and figure must say so
+        data.trained_on = "simulated images"
 
     usable = None
     if kind == "segmentation":
