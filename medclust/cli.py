@@ -420,6 +420,22 @@ def _cmd_plot_examples(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _cmd_plot_radiograph(sub: Any) -> None:
+    p = sub.add_parser("plot-radiograph", help="a model's predicted label map over the radiograph it came from (PNG)")
+    p.add_argument("--predicted", type=Path, required=True, help="predict.json of medclust predict (its first input is shown)")
+    p.add_argument("--model", type=Path, required=True, help="the fine-tuning run folder (class names)")
+    p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.report.radiograph_overlay import first_prediction, model_classes, plot_radiograph_prediction
+
+        image, labels = first_prediction(args.predicted)
+        plot_radiograph_prediction(image, labels, model_classes(args.model), args.out, args.title)
+
+    p.set_defaults(func=run)
+
+
 # evaluation, study and report figures (end) ---
 
 # applying and sharing models (begin) ---

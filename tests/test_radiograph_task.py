@@ -117,3 +117,49 @@ def test_2d_segmentation_on_simulated_radiographs_splits_by_case_and_scores_on_t
     pred = nib.load(str(out / "predictions" / "v6.nii.gz"))
     source = nib.load(str(tmp_path / "sources" / "v6_seg.nii.gz"))
     assert pred.shape == source.shape and np.allclose(pred.affine, source.affine)
+
+
+def test_overlay_is_drawn_on_the_image_grid(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from medclust.report.radiograph_overlay import plot_radiograph_prediction
+
+    rows, cols = 30, 50  # not square: a transposed label map cannot pass
+    Image.fromarray(np.tile(np.arange(cols, dtype=np.uint8), (rows, 1)) * 5).save(tmp_path / "xr.png")
+    label = np.zeros((rows, cols), np.uint8)
+    label[5:25, 5:20] = 1
+    nib.save(nib.Nifti1Image(label.T.copy(), np.eye(4)), str(tmp_path / "pred.nii.gz"))  # predict's (column, row) order
+    out = plot_radiograph_prediction(tmp_path / "xr.png", tmp_path / "pred.nii.gz", {1: "lungs"}, tmp_path / "f.png", "t")
+    assert out.is_file() and out.read_bytes()[:4] == b"\x89PNG"
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "bad.nii.gz"))
+    with pytest.raises(MedclustError, match="not on the image grid"):
+        plot_radiograph_prediction(tmp_path / "xr.png", tmp_path / "bad.nii.gz", {1: "lungs"}, tmp_path / "g.png", "t")
+
+
+def test_demo_has_the_radiograph_task_and_its_real_radiograph_figure(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    override = tmp_path / "x.yaml"
+    override.write_text(f"results_dir: {tmp_path / 'res'}\n", encoding="utf-8")
+    exe = shutil.which("snakemake") or "snakemake"
+    target = f"{tmp_path / 'res'}/report/real_images/drr_lung_heart.png"
+    done = subprocess.run(
+        [exe, "-n", "-p", "--nolock", "--cores", "1", target, "--configfile", "config.yaml", str(override)],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
+        timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+    text = done.stdout
+    config = __import__("yaml").safe_load((repo / "config.yaml").read_text(encoding="utf-8"))
+    init = next(i for i in config["finetune"]["inits"] if i != "none")
+    fraction, seed = config["finetune"]["fractions"][0], config["finetune"]["seeds"][0]
+    run = f"finetune/drr_lung_heart/{init}/{fraction:g}/{seed}"
+    predict = next(line for line in text.splitlines() if "medclust predict " in line)
+    assert f"{run} --input resources/demo/chest_xray --assume-pixel-spacing 0.2 0.2" in predict.replace("'", "")
+    assert "medclust plot-radiograph" in text and "SIMULATED radiographs only" in text
+    assert "simulate-drr" in text and "task=drr_lung_heart" in text
+    rst = (repo / "workflow" / "report" / "real_images.rst").read_text(encoding="utf-8")
+    assert "simulated radiographs only" in rst

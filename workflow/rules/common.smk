@@ -147,6 +147,7 @@ def report_targets():
         targets += [f"{RESULTS}/report/study/{task}_curves.png", f"{RESULTS}/report/study/{task}_table.png"]
         if task_type(task) in ("segmentation", "detection"):
             targets.append(f"{RESULTS}/report/examples/{task}.png")
+    targets += real_image_targets()  # report.smk
     return targets
 
 
@@ -453,6 +454,7 @@ def finetune_settings(task):
     merged["train_dataset"] = train_dataset
     merged["backbone"] = config["pretrain"].get("backbone", "resnet18")
     merged["ct_window"] = preprocess_settings(train_dataset)["ct_window"]
+    merged.pop("real_images", None)  # the report's, not the run's: changing it retrains nothing
     merged["dataset_entry"] = finetune_dataset_entry(merged["dataset"])
     merged["train_dataset_entry"] = finetune_dataset_entry(train_dataset)
     return merged

@@ -129,3 +129,73 @@ rule plot_examples:
     shell:
         "medclust plot-examples --kind {params.kind} --runs {params.runs:q} --slices {params.slices:q}"
         " --n {params.n} --out {output:q} > {log:q} 2>&1"
+
+
+# --- a model trained on simulated images, applied to real ones (task key `real_images`) -------
+
+
+def real_image_tasks():
+    """{task: real dataset} of the tasks whose model the report shows on real images."""
+    return {t: s["real_images"] for t, s in study_tasks().items() if s.get("real_images")}
+
+
+def real_image_run(task):
+    """The run shown: first pretrained init of the task's grid (else none), first fraction and seed."""
+    inits, fractions, seeds = finetune_grid(task)
+    init = next((i for i in inits if i != "none"), inits[0])
+    return f"{RESULTS}/finetune/{task}/{init}/{fraction_name(fractions[0])}/{seeds[0]}"
+
+
+def real_image_targets():
+    return [f"{RESULTS}/report/real_images/{task}.png" for task in real_image_tasks()]
+
+
+rule predict_real_images:
+    input:
+        model=lambda wildcards: f"{real_image_run(wildcards.task)}/model.pt",
+        cases=lambda wildcards: f"{RESULTS}/cases/{real_image_tasks()[wildcards.task]}.json",
+    output:
+        summary=f"{RESULTS}/report/real_images/{{task}}/predict.json",
+    params:
+        model=lambda wildcards: real_image_run(wildcards.task),
+        inputs=lambda wildcards: shlex.quote(DATASETS[real_image_tasks()[wildcards.task]]["path"]),
+        spacing=lambda wildcards: " ".join(
+            ["--assume-pixel-spacing"] + [str(v) for v in DATASETS[real_image_tasks()[wildcards.task]]["assume_pixel_spacing"]]
+        ) if DATASETS[real_image_tasks()[wildcards.task]].get("assume_pixel_spacing") else "",
+        out=lambda wildcards, output: str(Path(output.summary).parent),
+    log:
+        f"{RESULTS}/logs/report/real_images_{{task}}.log",
+    resources:
+        **rule_resources("predict", threads=1, mem_mb=8000, runtime=30, gpu=1),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust predict --model {params.model:q} --input {params.inputs} {params.spacing} --out {params.out:q}"
+        " --threads {threads} --no-progress > {log:q} 2>&1"
+
+
+rule plot_real_images:
+    input:
+        f"{RESULTS}/report/real_images/{{task}}/predict.json",
+    output:
+        report(
+            f"{RESULTS}/report/real_images/{{task}}.png",
+            category="Examples",
+            subcategory="{task}",
+            caption="../report/real_images.rst",
+            labels={"task": "{task}", "figure": "real radiograph (model trained on simulated images only)"},
+        ),
+    params:
+        model=lambda wildcards: real_image_run(wildcards.task),
+        title=lambda wildcards: f"{wildcards.task}: trained on SIMULATED radiographs only, applied to a real one",
+    log:
+        f"{RESULTS}/logs/report/real_images_plot_{{task}}.log",
+    resources:
+        **rule_resources("plot", threads=1, mem_mb=2000, runtime=10),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust plot-radiograph --predicted {input:q} --model {params.model:q}"
+        " --title {params.title:q} --out {output:q} > {log:q} 2>&1"
