@@ -223,6 +223,10 @@ def _cmd_pretrain(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder results/pretrain/{method}")
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT/checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--datasets", type=settings_arg, default={},
+        help="config `datasets` entries (JSON or @file) for the learning monitor's labels: body_region, probe_structures, label names",
+    )
 
     def run(args: argparse.Namespace) -> None:
         import torch
@@ -233,7 +237,7 @@ def _cmd_pretrain(sub: Any) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         try:
-            run_pretraining(args.method, args.settings, args.stores, args.out, args.checkpoint_dir)
+            run_pretraining(args.method, args.settings, args.stores, args.out, args.checkpoint_dir, datasets=args.datasets)
         except TrainingInterrupted as err:
             # 128 + signal, what a shell reports for a killed process: the scheduler sees pre-emption
             print(f"medclust pretrain: {err}", file=sys.stderr)
@@ -331,6 +335,19 @@ def _cmd_plot_loss(sub: Any) -> None:
         from medclust.report import plot_loss_curves, read_loss_curve
 
         plot_loss_curves({m.parent.name: read_loss_curve(m) for m in args.metrics}, args.out)
+
+    p.set_defaults(func=run)
+
+
+def _cmd_plot_probes(sub: Any) -> None:
+    p = sub.add_parser("plot-probes", help="learning-monitor probe curves vs random init (PNG)")
+    p.add_argument("--metrics", type=Path, nargs="+", required=True, help="results/pretrain/{method}/metrics.csv")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.report import plot_probe_curves, read_loss_curve
+
+        plot_probe_curves({m.parent.name: read_loss_curve(m) for m in args.metrics}, args.out)
 
     p.set_defaults(func=run)
 

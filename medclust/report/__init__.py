@@ -13,6 +13,7 @@ from medclust.report.plots import (
     plot_loss_curves,
     plot_segmentation_overlays,
 )
+from medclust.report.probe_plots import plot_probe_curves
 from medclust.report.study_plots import plot_study_curves, plot_study_table
 from medclust.report.verdicts import verdict_table_html, write_verdict_table
 
@@ -22,6 +23,7 @@ __all__ = [
     "plot_detection_examples",
     "plot_embedding_map",
     "plot_loss_curves",
+    "plot_probe_curves",
     "plot_segmentation_overlays",
     "plot_study_curves",
     "plot_study_table",

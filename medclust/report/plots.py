@@ -89,6 +89,8 @@ def plot_loss_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: 
             if not np.isfinite(y).any():
                 continue
             x = np.asarray(data.get("step", np.arange(y.size)), dtype=float)[: y.size]
+            # rows without this term (probe-only rows, a term that starts later) must not break the line
+            x, y = x[np.isfinite(y)], y[np.isfinite(y)]
             colour = f"C{i}"
             ax.plot(x, y, color=colour, alpha=0.25, linewidth=0.8)
             ax.plot(x, _smooth(y, max(1, y.size // 25)), color=colour, linewidth=1.6, label=method)

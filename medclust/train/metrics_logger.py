@@ -88,21 +88,34 @@ class MetricsLogger:
                     writer.writeheader()
                     writer.writerows({k: _fmt(v) for k, v in r.items()} for r in self.rows)
 
-    def log(self, step: int, values: dict[str, float]) -> None:
-        """Record one row (``step`` plus ``values``)."""
-        row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-        self.rows.append(row)
+    def log(self, step: int, values: dict[str, float], group: str = "train") -> None:
+        """Record ``values`` at ``step``: a new row, or merged into the last row if it has this step.
+
+        Args:
+            step: the optimiser step.
+            values: column -> value.
+            group: TensorBoard tag prefix (``group/column``); ``""`` = the column name as it is.
+        """
+        values = {k: float(v) for k, v in values.items()}
+        merge = bool(self.rows) and int(self.rows[-1]["step"]) == int(step)
+        if merge:
+            # e.g. the learning monitor's probe scores join the loss row of the same step
+            self.rows[-1].update(values)
+            row = self.rows[-1]
+        else:
+            row = {"step": int(step), **values}
+            self.rows.append(row)
         grew = self._extend_columns(row)
         if not self.enabled:
             return
-        if grew:
-            self._rewrite()  # a new column (e.g. a loss that starts after warm-up): rewrite with the wider header
+        if grew or merge:
+            self._rewrite()  # a new column (e.g. a loss that starts after warm-up) or a changed row
         else:
             with disk_full_guard(self.path), open(self.path, "a", newline="", encoding="utf-8") as handle:
                 csv.DictWriter(handle, fieldnames=self.columns, restval="").writerow({k: _fmt(v) for k, v in row.items()})
         if self._writer is not None:
             for key, value in values.items():
-                self._writer.add_scalar(f"train/{key}", value, step)
+                self._writer.add_scalar(f"{group}/{key}" if group else key, value, step)
 
     def write_final(self) -> None:
         """Write every row to ``out_dir/metrics.csv`` atomically (rank 0; at the end of training)."""

@@ -24,7 +24,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -347,11 +347,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def fit(self, task: TrainTask) -> nn.Module:
+    def fit(self, task: TrainTask, monitor: Callable[[nn.Module, int], Mapping[str, float] | None] | None = None) -> nn.Module:
         """Train ``task`` to ``max_steps`` (resuming if a checkpoint exists).
 
         Args:
             task: the task.
+            monitor: called on rank 0 after every step as ``monitor(model, step)``; the values it
+                returns (if any) join that step's ``metrics.csv`` row and go to TensorBoard under
+                their own names (e.g. the learning monitor's ``probe/<label>/<knn|linear>``). It
+                must leave the model as it found it; its time is not counted in ``items_per_s``.
 
         Returns:
             The trained model, unwrapped and on CPU (identical on every rank).
@@ -362,9 +366,9 @@ class Trainer:
                 that yields no batches, unreadable checkpoints.
         """
         self.context = init_distributed()
-        return self._fit(task)
+        return self._fit(task, monitor)
 
-    def _fit(self, task: Any) -> nn.Module:
+    def _fit(self, task: Any, monitor: Callable[[nn.Module, int], Mapping[str, float] | None] | None = None) -> nn.Module:
         cfg, ctx = self.config, self.context
         if hasattr(task, "setup"):
             task.setup(ctx)
@@ -471,6 +475,12 @@ class Trainer:
                             logger.log(self.step, row)
                             progress.set_postfix(loss=f"{row['loss']:.4f}", items_s=f"{row['items_per_s']:.1f}", refresh=False)
                             window, window_counts, window_items, window_start = {}, {}, 0, time.perf_counter()
+                        if monitor is not None and ctx.is_main:
+                            probe_started = time.perf_counter()
+                            probed = monitor(model, self.step)
+                            if probed:
+                                logger.log(self.step, dict(probed), group="")
+                            window_start += time.perf_counter() - probe_started
 
                         if signal_sum > 0:
                             # the signal this rank got, else the one another rank got (SIGTERM if ambiguous)

@@ -140,6 +140,7 @@ def report_targets():
     targets = []
     if trained_methods():
         targets.append(f"{RESULTS}/report/pretrain_loss.png")
+        targets.append(f"{RESULTS}/report/probe_curves.png")
     targets += [f"{RESULTS}/report/embeddings/{m}.png" for m in report_methods()]
     if study_tasks():
         targets.append(f"{RESULTS}/report/verdicts.html")
@@ -533,6 +534,18 @@ def pretrain_method_settings(method):
     settings = {k: v for k, v in config["pretrain"].items() if k not in drop}
     settings["seed"] = config["seed"]
     return settings
+
+
+# Dataset keys the learning monitor reads (free labels): body region, structure groups and what
+# resolves label names (an MSD path, label_names; a drr dataset's source).
+PROBE_DATASET_KEYS = ("body_region", "probe_structures", "label_names", "format", "path", "source")
+
+
+def pretrain_probe_datasets():
+    """The `datasets` entries the learning monitor needs (pretraining datasets and drr sources)."""
+    names = list(pretrain_datasets())
+    names += [DATASETS[d]["source"] for d in names if DATASETS[d].get("source") in DATASETS]
+    return {d: {k: DATASETS[d][k] for k in PROBE_DATASET_KEYS if k in DATASETS[d]} for d in dict.fromkeys(names)}
 
 
 def pretrain_targets(wildcards):

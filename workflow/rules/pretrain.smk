@@ -26,6 +26,7 @@ rule pretrain_method:
         provenance=f"{RESULTS}/pretrain/{{method}}/provenance.json",
     params:
         settings=lambda wildcards: as_json(pretrain_method_settings(wildcards.method)),
+        datasets=lambda wildcards: as_json(pretrain_probe_datasets()),
         stores=lambda wildcards, input: [str(Path(p).parent) for p in input.index],
         out=lambda wildcards, output: str(Path(output.encoder).parent),
         checkpoint=lambda wildcards, output: str(Path(output.encoder).parent / "checkpoint"),
@@ -42,4 +43,5 @@ rule pretrain_method:
     shell:
         "{params.launch}medclust pretrain --method {wildcards.method} --settings {params.settings:q}"
         " --stores {params.stores:q} --out {params.out:q} --checkpoint-dir {params.checkpoint:q}"
+        " --datasets {params.datasets:q}"
         " --threads {threads} > {log:q} 2>&1"

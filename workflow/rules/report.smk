@@ -26,6 +26,28 @@ rule plot_pretrain_loss:
         "medclust plot-loss --metrics {input:q} --out {output:q} > {log:q} 2>&1"
 
 
+rule plot_probe_curves:
+    input:
+        lambda wildcards: [f"{RESULTS}/pretrain/{m}/metrics.csv" for m in trained_methods()],
+    output:
+        report(
+            f"{RESULTS}/report/probe_curves.png",
+            category="Pretraining",
+            subcategory="Loss curves",
+            caption="../report/probe_curves.rst",
+            labels={"figure": "probe curves"},
+        ),
+    log:
+        f"{RESULTS}/logs/report/probe_curves.log",
+    resources:
+        **rule_resources("plot", threads=1, mem_mb=2000, runtime=10),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust plot-probes --metrics {input:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule plot_embeddings:
     input:
         f"{RESULTS}/pretrain/{{method}}/embeddings.npz",

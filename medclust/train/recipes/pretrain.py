@@ -52,6 +52,7 @@ from medclust.losses import Agreement3DLoss, DeepClusterLoss, MaskedEmbeddingLos
 from medclust.models import JointModel, SliceEncoder, normalize_prototypes_
 from medclust.provenance import write_provenance
 from medclust.train.distributed import DistContext
+from medclust.train.monitor import build_monitor, finish_monitor
 from medclust.train.recipes.pretrain_export import export_cases, export_embeddings
 from medclust.train.recipes.pretrain_settings import (
     METHODS,
@@ -334,6 +335,7 @@ def run_pretraining(
     stores: Mapping[str, str | os.PathLike[str]] | Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     checkpoint_dir: str | os.PathLike[str] | None = None,
+    datasets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path | None:
     """Pretrain one method and write its outputs (resuming from ``checkpoint_dir`` if possible).
 
@@ -344,6 +346,8 @@ def run_pretraining(
         stores: dataset name -> slice store folder (``results/slices/{dataset}``), or folders.
         out_dir: ``results/pretrain/{method}``.
         checkpoint_dir: default ``out_dir/checkpoint``.
+        datasets: the config's ``datasets`` entries, for the learning monitor's free labels
+            (``body_region``, ``probe_structures`` and label names; :mod:`medclust.train.monitor`).
 
     Returns:
         The path of ``encoder.pt`` on rank 0; None on other ranks (they write nothing).
@@ -371,8 +375,9 @@ def run_pretraining(
 
     task = PretrainTask(method, s, cases)
     trainer_settings = {**s, "max_steps": 0 if method == "none" else s["steps"]}
+    monitor = build_monitor(s, cases, task.build_model, trainer_settings["max_steps"], datasets)
     trainer = Trainer(TrainerConfig.from_dict(trainer_settings), out_dir, checkpoint_dir)
-    model = trainer.fit(task)
+    model = trainer.fit(task, monitor)
     if not trainer.context.is_main:
         return None
     trained = time.perf_counter() - started
@@ -380,6 +385,9 @@ def run_pretraining(
     export, used = export_cases(stores)
     export_arrays = CaseArrays(export, in_memory=True)
     export_embeddings(model, export_arrays, s, method, out_dir / "embeddings.npz", used, trainer.context.device)
+    probes = None
+    if monitor is not None:
+        probes = finish_monitor(monitor, model, trainer.step, out_dir / "metrics.csv", METRIC_COLUMNS, trained, trainer.context.device)
     model = model.cpu()
     metrics = staged_path(out_dir / "metrics.csv")  # written by the trainer, published at the end
     if not metrics.exists() or metrics.stat().st_size == 0:  # `none` trains nothing: header only
@@ -399,6 +407,7 @@ def run_pretraining(
             "seconds": round(time.perf_counter() - started, 1),
             "training_seconds_this_run": round(trained, 1),
             "device": str(trainer.context.device),
+            "probes": probes,
         },
         inputs,
     )

@@ -23,7 +23,10 @@ THREE_D_KEYS = (
     "mask_ratio", "mask_loss", "s_max", "batch_size_3d", "volume_size", "queue_length_3d", "volume_slices_in_2d",
 )
 # keys that change how fast a run goes or what it logs, not what it learns
-RUNTIME_KEYS = ("num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "compile", "progress", "tensorboard", "methods")
+RUNTIME_KEYS = (
+    "num_workers", "checkpoint_every", "keep_checkpoints", "log_every", "compile", "progress", "tensorboard", "methods",
+    "probe_every", "probe",  # the learning monitor only watches (its random state is its own)
+)
 # accepted besides the schema's keys: the global seed and trainer switches that are not config keys
 _NON_CONFIG_KEYS = ("seed", "progress", "tensorboard", "deterministic", "max_steps")
 METRIC_COLUMNS = ("step", "loss", "loss_intra", "loss_inter", "loss_mask", "lr", "items_per_s")
