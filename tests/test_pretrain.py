@@ -67,7 +67,8 @@ def test_batches_are_deterministic_two_view_and_padded(stores: dict[str, Path]) 
     assert batch["views2d"].shape == (2, 6, 1, SIZE, SIZE)
     assert not torch.equal(batch["views2d"][0], batch["views2d"][1])
     assert batch["volumes"].shape == (2, 1, 4, SIZE, SIZE) and batch["valid"].shape == (2, 1, 4)
-    assert torch.equal(batch["z_mm"][0], batch["z_mm"][1])  # one z window per volume, shared by its views
+    assert not torch.equal(batch["z_mm"][0], batch["z_mm"][1])  # each view its own z window, scale and jitter
+    assert batch["pair"].shape == (1, 4) and int(batch["pair"].max()) < 4
     assert int(batch["valid"].sum(-1).min()) >= 2
     assert not torch.equal(batch["volumes"][0], batch["volumes"][1])
     # resume skips consumed batches without building them

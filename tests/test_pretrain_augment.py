@@ -1,4 +1,4 @@
-"""Pretraining views: seeded augmentation (any worker count, any resume point), safe flips only."""
+"""Pretraining views: seeded augmentation (any worker count, any resume point), flips only where a dataset declares them safe."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from pretrain_helpers import make_stores, tiny_settings
 from torch.utils.data import DataLoader
 
-from medclust.data import AugmentSettings, BatchPlan, CaseArrays, PretrainBatches, collect_cases
+from medclust.data import AugmentSettings, BatchPlan, CaseArrays, PretrainBatches, collect_cases, in_plane_flip_axes, item_table
 from medclust.train.distributed import DistContext
 from medclust.train.recipes import PretrainTask, resolve_settings
 from medclust.train.seeding import worker_init_fn
@@ -74,3 +74,36 @@ def test_workers_and_epochs_draw_their_own_affine_transforms(stores: dict[str, P
     flat = torch.stack(views).flatten(1)
     distinct = {tuple(np.round(v.numpy(), 5)) for v in flat}
     assert len(distinct) == len(views) == 8
+
+
+@pytest.mark.parametrize(
+    "slice_axis, expected",
+    [
+        (2, {"left_right": (0,), "anterior_posterior": (1,), "superior_inferior": ()}),  # axial: H = x, W = y
+        (1, {"left_right": (0,), "anterior_posterior": (), "superior_inferior": (1,)}),  # coronal: H = x, W = z
+        (0, {"left_right": (), "anterior_posterior": (0,), "superior_inferior": (1,)}),  # sagittal: H = y, W = z
+    ],
+)
+def test_anatomical_flip_axes_map_to_the_stored_slice_axes(slice_axis: int, expected: dict[str, tuple[int, ...]]) -> None:
+    for name, axes in expected.items():
+        assert in_plane_flip_axes([name], slice_axis) == axes
+    assert in_plane_flip_axes(list(expected), slice_axis) == tuple(sorted(a for v in expected.values() for a in v))
+
+
+def test_flips_only_along_axes_a_dataset_declares_safe(stores: dict[str, Path]) -> None:
+    assert resolve_settings({})["augment"]["flip_axes"] == {}  # default: nothing is mirrored
+    arrays = CaseArrays(collect_cases(stores))
+    items = [(i, 7 * i) for i, (c, _) in enumerate(item_table(arrays)) if arrays.cases[c].dataset in ("ct", "xr")]
+    plan = [BatchPlan(items=items, volumes=[])]
+    still = {"crop_scale": (1.0, 1.0), "affine_prob": 0.0, "intensity_prob": 0.0, "contrast_prob": 0.0, "noise_prob": 0.0}
+    images = torch.stack([torch.from_numpy(arrays.slices(c, [s])) for c, s in (item_table(arrays)[i] for i, _ in items)])
+
+    never = PretrainBatches(arrays, plan, (16, 16), (16, 16), 4, AugmentSettings(flip_prob=1.0, **still))[0]["views2d"]
+    assert torch.allclose(never[0], images, atol=1e-6) and torch.allclose(never[1], images, atol=1e-6)
+
+    declared = AugmentSettings(flip_prob=1.0, flip_axes={"ct": ("left_right",)}, **still)
+    views = PretrainBatches(arrays, plan, (16, 16), (16, 16), 4, declared)[0]["views2d"]
+    is_ct = torch.tensor([arrays.cases[item_table(arrays)[i][0]].dataset == "ct" for i, _ in items])
+    # axial CT slices: H is RAS x, so left_right mirrors H; the undeclared X-rays stay as they are
+    assert torch.allclose(views[0][is_ct], images[is_ct].flip(-2), atol=1e-6)
+    assert torch.allclose(views[0][~is_ct], images[~is_ct], atol=1e-6)

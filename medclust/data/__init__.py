@@ -1,6 +1,6 @@
 """Datasets, samplers and augmentations: pretraining items/volumes here; downstream in ``downstream``."""
 
-from medclust.data.augment import AugmentSettings, seed_transform_, select_view_slices, view_transform
+from medclust.data.augment import AugmentSettings, augment_z, in_plane_flip_axes, seed_transform_, select_view_pair, view_transform
 from medclust.data.pretrain_datasets import (
     PRETRAIN_SPLITS,
     BatchPlan,
@@ -22,13 +22,15 @@ __all__ = [
     "CaseArrays",
     "PretrainBatches",
     "PretrainCase",
+    "augment_z",
     "collect_cases",
     "eval_volume_indices",
+    "in_plane_flip_axes",
     "item_table",
     "plan_epoch",
     "resize_slices",
     "seed_transform_",
-    "select_view_slices",
+    "select_view_pair",
     "view_transform",
     "volume_table",
 ]

@@ -7,9 +7,10 @@
   and the seed of each view; each rank takes its contiguous share of every global batch, so
   the union over ranks is the single-process batch.
 - :class:`PretrainBatches` turns a plan into collated batches (the unit a DataLoader worker
-  builds): two augmented views of each 2D item and two views of each volume — one random z
-  window subsampled to at most ``s_max`` slices, augmented twice, each view dropping its own
-  random slices — padded to ``s_max``, with a validity mask (dropped and padded slices False).
+  builds): two augmented views of each 2D item and two views of each volume — each its own
+  z window (overlapping the other's, on a shared grid) of at most ``s_max`` slices, with its
+  own z scaling/jitter, augmentation and dropped slices — padded to ``s_max``, with a validity
+  mask (dropped and padded slices False) and the slot pairing of the slices both views kept.
 
 Everything random is derived from ``(seed, epoch, position in the epoch)``.
 """
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from monai.data import get_track_meta, set_track_meta
 from torch.utils.data import Dataset
 
-from medclust.data.augment import AugmentSettings, as_float_tensor, drop_slices, seed_transform_, select_view_slices, view_transform
+from medclust.data.augment import AugmentSettings, as_float_tensor, augment_z, drop_slices, seed_transform_, select_view_pair, view_transform
 from medclust.errors import BadInputError, MedclustError
 from medclust.io.slice_store import read_attrs, read_case
 
@@ -149,6 +150,7 @@ class CaseArrays:
         self.in_memory = in_memory
         self._images: list[np.ndarray | None] = [None] * len(self.cases)
         self.z_mm: list[np.ndarray] = []
+        self.slice_axis: list[int] = []
         self.shapes: list[tuple[int, int, int]] = []
         for i, case in enumerate(self.cases):
             if in_memory:
@@ -163,6 +165,7 @@ class CaseArrays:
                 raise BadInputError(case.path, f"holds {shape[0]} slices, index.json says {case.num_slices}")
             self.shapes.append(shape)  # type: ignore[arg-type]
             self.z_mm.append(_z_positions(case, attrs))
+            self.slice_axis.append(int(attrs.get("slice_axis", 2)))
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -296,22 +299,31 @@ class PretrainBatches(Dataset):
         self.augment = augment
         self.items = item_table(arrays)
         self.volumes = volume_table(arrays)
-        self._view_tf = view_transform(self.view_size, augment)
-        self._volume_tf = view_transform(self.volume_size, augment)
+        self._transforms: dict[tuple[tuple[int, int], tuple[int, ...]], Any] = {}
 
     def __len__(self) -> int:
         return len(self.plans)
 
+    def _transform(self, size: tuple[int, int], case_index: int) -> Any:
+        """The view pipeline for one case: its dataset decides which flips are anatomically safe."""
+        case = self.arrays.cases[case_index]
+        slice_axis = self.arrays.slice_axis[case_index] if hasattr(self.arrays, "slice_axis") else 2
+        key = (size, self.augment.flips_for(case.dataset, slice_axis))
+        if key not in self._transforms:
+            self._transforms[key] = view_transform(size, self.augment, key[1])
+        return self._transforms[key]
+
     def _item_views(self, item_id: int, seed: int) -> torch.Tensor:
         case_index, slice_index = self.items[item_id]
         image = as_float_tensor(self.arrays.slices(case_index, [slice_index]))  # (1, H, W)
+        transform = self._transform(self.view_size, case_index)
         views = []
         for v in (1, 2):
-            seed_transform_(self._view_tf, seed + v)
-            views.append(torch.as_tensor(self._view_tf(image)))
+            seed_transform_(transform, seed + v)
+            views.append(torch.as_tensor(transform(image)))
         return torch.stack(views)  # (2, 1, h, w)
 
-    def _volume_views(self, volume_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _volume_views(self, volume_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         case_index = self.volumes[volume_id]
         n = self.arrays.cases[case_index].num_slices
         h, w = self.volume_size
@@ -319,16 +331,23 @@ class PretrainBatches(Dataset):
         z = torch.zeros(2, self.s_max)
         valid = torch.zeros(2, self.s_max, dtype=torch.bool)
         window_rng = np.random.RandomState(seed % 2**32)
-        idx = select_view_slices(n, self.s_max, self.augment.z_crop, window_rng)  # shared by both views
-        stack = as_float_tensor(self.arrays.slices(case_index, idx))  # (k, H, W): slices as channels
-        k = stack.shape[0]
-        z_idx = torch.from_numpy(self.arrays.z_mm[case_index][idx])
-        for v in (0, 1):
-            rng = seed_transform_(self._volume_tf, seed + 11 * (v + 1))
-            out[v, :k] = torch.as_tensor(self._volume_tf(stack))
-            z[v, :k] = z_idx
+        views = select_view_pair(n, self.s_max, self.augment, window_rng)
+        # one read for both views: the union of their slices, slices as channels
+        union = np.union1d(*views)
+        stack = as_float_tensor(self.arrays.slices(case_index, union))
+        transform = self._transform(self.volume_size, case_index)
+        for v, idx in enumerate(views):
+            k = len(idx)
+            rng = seed_transform_(transform, seed + 11 * (v + 1))
+            out[v, :k] = torch.as_tensor(transform(stack[np.searchsorted(union, idx)]))
+            z[v, :k] = torch.from_numpy(augment_z(self.arrays.z_mm[case_index][idx], self.augment, rng))
             valid[v, :k] = torch.from_numpy(drop_slices(k, self.augment.slice_drop, rng))
-        return out, z, valid
+        # view 1's slot -> view 2's slot holding the same slice, where both views kept it
+        pair = torch.full((self.s_max,), -1, dtype=torch.long)
+        common, slot1, slot2 = np.intersect1d(views[0], views[1], assume_unique=True, return_indices=True)
+        kept = valid[0, torch.from_numpy(slot1)] & valid[1, torch.from_numpy(slot2)]
+        pair[torch.from_numpy(slot1)[kept]] = torch.from_numpy(slot2)[kept]
+        return out, z, valid, pair
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         plan = self.plans[index]
@@ -344,6 +363,7 @@ class PretrainBatches(Dataset):
                 batch["volumes"] = torch.stack([v[0] for v in vols], dim=1)  # (2, b, S, h, w)
                 batch["z_mm"] = torch.stack([v[1] for v in vols], dim=1)  # (2, b, S)
                 batch["valid"] = torch.stack([v[2] for v in vols], dim=1)  # (2, b, S)
+                batch["pair"] = torch.stack([v[3] for v in vols])  # (b, S): view-2 slot of view 1's slot, or -1
                 batch["index3d"] = torch.tensor([i for i, _ in plan.volumes], dtype=torch.long)
         finally:
             set_track_meta(previous)

@@ -256,7 +256,7 @@ class JointModel(nn.Module):
             self.prototypes_3d.normalize_()
 
     def set_prototypes_frozen(self, frozen: bool) -> None:
-        """Give both prototype sets zero gradients (``True``) or normal ones."""
+        """Freeze both prototype sets (``True``: no gradient, the optimiser skips them) or unfreeze them."""
         self.prototypes_2d.set_frozen(frozen)
         if self.prototypes_3d is not None:
             self.prototypes_3d.set_frozen(frozen)

@@ -120,7 +120,7 @@ def set_prototypes_frozen(model: nn.Module, step: int, freeze_steps: int) -> boo
     Args:
         model: a module containing :class:`Prototypes`.
         step: the current optimiser step (0-based).
-        freeze_steps: number of initial steps during which prototypes get zero gradient.
+        freeze_steps: number of initial steps during which prototypes get no gradient.
 
     Returns:
         True when the prototypes are frozen for this step.

@@ -305,6 +305,11 @@ class SliceAttention(nn.Module):
         max_offset_mm: bound on |sampling offset| in mm (a smooth tanh bound).
         init_span_mm: initial spread of offsets (head h spans ``+-init_span_mm * (h+1)/H``).
         pos_base: wavelength ratio of the sinusoidal z encoding.
+        pos_scale: initial value of the learned scale of the z encoding. Slice tokens are
+            layer-normalised (norm ~ sqrt(D)) before it is added; the encoding's norm is
+            ``pos_scale * sqrt(D / 2)``. At full scale the encoding of a view's slice positions
+            dominates its volume embedding, and two views with unrelated content but similar
+            geometry would already match; small at first, position is what the model learns to use.
         impl: ``"bag"`` (default, fused) or ``"gather"`` (reference) sampling.
 
     Example:
@@ -325,11 +330,14 @@ class SliceAttention(nn.Module):
         max_offset_mm: float = 100.0,
         init_span_mm: float = 20.0,
         pos_base: float = 10000.0,
+        pos_scale: float = 0.05,
         impl: str = "bag",
     ) -> None:
         super().__init__()
         self.d_model = int(d_model)
         self.pos_base = float(pos_base)
+        self.token_norm = nn.LayerNorm(d_model)
+        self.pos_scale = nn.Parameter(torch.tensor(float(pos_scale)))
         self.layers = nn.ModuleList(
             SliceAttentionLayer(d_model, heads, points, ffn_mult, dropout, max_offset_mm, init_span_mm, impl)
             for _ in range(layers)
@@ -360,7 +368,7 @@ class SliceAttention(nn.Module):
         keep = valid[..., None]
         # zero the padding first: garbage (even NaN) there must not leak through 0 * NaN
         x = tokens.masked_fill(~keep, 0.0)
-        x = x + z_position_encoding(index.z_rel, self.d_model, self.pos_base).to(x.dtype)
+        x = self.token_norm(x) + self.pos_scale * z_position_encoding(index.z_rel, self.d_model, self.pos_base).to(x.dtype)
         for layer in self.layers:
             x = layer(x, index)
         return self.norm(x).masked_fill(~keep, 0.0)

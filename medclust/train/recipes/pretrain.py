@@ -14,11 +14,11 @@ Methods (config ``pretrain.methods``):
 
 Cost control of the 3D branch: both views of a volume go through the slice encoder in the same
 pass as the 2D items (one call when the sizes match) and only kept, non-padded slices are
-encoded. The two views share a z window, so a slice kept by both views is also a 2D item with
-two views: with ``volume_slices_in_2d`` those embeddings feed L_intra too and take their share
-of ``batch_size_2d`` (a joint step draws ``batch_size_2d - batch_size_3d * s_max`` other 2D
-items), so a joint step encodes no more images than a swav2d step and the 3D objectives cost
-little beyond the slice attention. The masked objective's targets are the (stop-gradient)
+encoded. The two views' z windows overlap on a shared slice grid, so a slice kept by both views
+is also a 2D item with two views: with ``volume_slices_in_2d`` those embeddings feed L_intra too
+and take their share of ``batch_size_2d`` (a joint step draws ``batch_size_2d - batch_size_3d *
+s_max`` other 2D items), so a joint step encodes no more images than a swav2d step and the 3D
+objectives cost little beyond the slice attention. The masked objective's targets are the (stop-gradient)
 slice embeddings of that same pass, and one masked attention pass serves both the masked and
 the inter objective (masking doubles as a volume-level augmentation).
 
@@ -97,6 +97,9 @@ class PretrainTask:
         self.cases = list(cases)
         self.arrays = arrays if arrays is not None else CaseArrays(self.cases, in_memory=self.s["cache_in_memory"])
         self.augment = AugmentSettings.from_dict(self.s["augment"])
+        unknown = sorted(set(self.augment.flip_axes) - {c.dataset for c in self.cases})
+        if unknown:
+            log.warning("pretrain.augment.flip_axes: %s are not among the pretraining datasets; ignored", unknown)
         self.num_items = len(item_table(self.arrays))
         self.uses_3d = method == "joint" and (self.s["w_inter"] > 0 or self.s["w_mask"] > 0) and self.s["batch_size_3d"] > 0
         self.num_volumes = len(volume_table(self.arrays)) if self.uses_3d else 0
@@ -247,10 +250,11 @@ class PretrainTask:
             emb2d, emb_real = jm.embed_slices(images), jm.embed_slices(real)
         tokens = emb_real.new_zeros(2 * b, s_max, emb_real.shape[-1]).masked_scatter(valid[..., None], emb_real)
         if self.reuse_slices:
-            # slices kept by both views of a volume are two views of one 2D item
-            paired = valid[:b] & valid[b:]
-            emb2d = torch.cat([emb2d[:n], tokens[:b][paired], emb2d[n:], tokens[b:][paired]])
-            n = n + int(paired.sum())
+            # a slice both views of a volume kept (in their overlap) is two views of one 2D item
+            pair = batch["pair"]
+            rows, slots = (pair >= 0).nonzero(as_tuple=True)
+            emb2d = torch.cat([emb2d[:n], tokens[:b][rows, slots], emb2d[n:], tokens[b:][rows, pair[rows, slots]]])
+            n = n + len(rows)
         loss_intra = self._swav(jm, emb2d, n)
         if not stage_3d:  # staged schedule: the 2D objective only, volume slices as 2D items
             return self._joint_out(loss_intra)
