@@ -479,6 +479,8 @@ def _cmd_predict(sub: Any) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--assume-pixel-spacing", type=float, nargs=2, metavar=("ROW_MM", "COL_MM"), default=None,
+                   help="pixel size for radiographs whose header records none (e.g. PixelSpacing 0\\0)")
 
     def run(args: argparse.Namespace) -> None:
         import torch
@@ -488,7 +490,8 @@ def _cmd_predict(sub: Any) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         predict_inputs(args.model, args.input, args.out, on_bad_input=args.on_bad_input, dicom_seg=args.dicom_seg,
-                       modality=args.modality, batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                       modality=args.modality, batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                       assume_pixel_spacing=args.assume_pixel_spacing)
 
     p.set_defaults(func=run)
 
@@ -584,7 +587,6 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     if isinstance(err, OSError) and err.filename and err.strerror:
         return 2, f"{err.filename}: {err.strerror}{where}"
     return 1, f"unexpected {name}{where}: {text} (`medclust --verbose ...` shows the traceback)"
-
 
 
 if __name__ == "__main__":
