@@ -79,7 +79,16 @@ def test_provenance_has_final_gap_and_counts(joint_run: Path) -> None:
 
 def test_random_baseline_is_the_none_encoder(joint_run: Path, stores: dict[str, Path], tmp_path: Path) -> None:
     run_pretraining("none", tiny_settings(), stores, tmp_path / "none", datasets=DATASETS)
-    none = json.loads((tmp_path / "none" / "provenance.json").read_text(encoding="utf-8"))["settings"]["probes"]["labels"]
+    # the baseline a joint run probes is the encoder `none` exports, weight for weight
+    settings = resolve_settings(tiny_settings(probe_every=3))
+    monitor = build_monitor(settings, collect_cases(stores), PretrainTask("joint", settings, collect_cases(stores)).build_model, 4, DATASETS)
+    assert monitor is not None
+    exported = torch.load(tmp_path / "none" / "slice_encoder.pt", weights_only=True)["state_dict"]
+    rebuilt = monitor.random_model().encoder.state_dict()
+    assert rebuilt.keys() == exported.keys() and all(torch.equal(rebuilt[k], exported[k]) for k in exported)
+    none_probes = json.loads((tmp_path / "none" / "provenance.json").read_text(encoding="utf-8"))["settings"]["probes"]
+    assert none_probes["probe_runs"] == 1  # an untrained run is its own random init: probed once
+    none = none_probes["labels"]
     joint = json.loads((joint_run / "provenance.json").read_text(encoding="utf-8"))["settings"]["probes"]["labels"]
     for label in ("dataset", "z_bin"):
         assert none[label]["knn"] == pytest.approx(joint[label]["random_knn"])

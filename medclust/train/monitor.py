@@ -169,6 +169,10 @@ class LearningMonitor:
             del model
         return self._random
 
+    def set_random_results(self, results: dict[str, ProbeResult]) -> None:
+        """Use ``results`` as the random-init probes (a run that trained nothing probed its own init)."""
+        self._random = dict(results)
+
     def due(self, step: int) -> bool:
         """Whether ``step`` is a probing step."""
         return step == self.final_step or (self.every > 0 and step > 0 and step % self.every == 0)
@@ -331,8 +335,9 @@ def finish_monitor(
     """
     if monitor.last is not None and monitor.last[0] == step:
         results = monitor.last[1]
-    elif step == 0:
-        results = monitor.random_results(device)
+    elif step == 0:  # nothing was trained: the model is its own random initialisation
+        results = monitor.probe(model)
+        monitor.set_random_results(results)
         row = {**probe_row(results), **probe_row(results, "probe_random")}
         columns = list(metric_columns) + list(row)
         with atomic_path(Path(metrics_csv)) as tmp:
