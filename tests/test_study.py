@@ -254,3 +254,20 @@ def test_classification_draws_are_stratified_so_every_class_keeps_both_labels():
     flat = [Unit(u.seed, u.value, replace(u.cases, strata=None)) for u in units]
     cell = summarise_cell(flat, 300, 0.95, cell_rng(0, "cls"))
     assert math.isnan(cell.ci_low) and cell.n_undefined > 50 and "bootstrap replicates undefined" in cell.ci_method
+
+
+def test_intervals_never_leave_the_metric_range(tmp_path):
+    """3 seeds of Dice 0.60 / 0.95 / 0.99 (one case): the t-interval of the mean reaches past 1,
+    the table stops it at 1 (the mean of a Dice cannot exceed it); HD95 stops at 0."""
+    files = []
+    for seed, dice in enumerate((0.60, 0.95, 0.99)):
+        files.append(_write_run(tmp_path, "none", 0.25, seed, [[dice, dice]]))
+        files.append(_write_run(tmp_path, "joint", 0.25, seed, [[1.0 - dice / 2, 1.0 - dice / 2]]))
+    rows = run_study("organs", files, tmp_path / "t.csv", {"bootstrap_samples": 100})
+    none = {r["metric"]: r for r in rows if r["init"] == "none"}
+    lo, hi = t_interval(np.array([0.60, 0.95, 0.99]), 0.95)
+    assert hi > 1 and none["dice_mean"]["ci_high"] == 1.0 and none["dice_mean"]["ci_low"] == pytest.approx(lo)
+    hd_lo, _ = t_interval(10 * (1 - np.array([0.60, 0.95, 0.99])), 0.95)
+    assert hd_lo < 0 and none["hd95_mean"]["ci_low"] == 0.0
+    joint = next(r for r in rows if r["init"] == "joint" and r["metric"] == "dice_mean")
+    assert -1.0 <= joint["diff_ci_low"] < joint["diff_vs_ref"] < joint["diff_ci_high"] <= 1.0

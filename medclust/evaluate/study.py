@@ -205,6 +205,22 @@ def run_resampler(run: RunResult, metric: str) -> CaseResampler | None:
     return replace(resampler, strata=case_strata(task_type, run.rows, run.record, resampler.case_ids))
 
 
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take: HD95 (mm) is non-negative, Dice/AUC/FROC/accuracy lie in [0, 1]."""
+    return (0.0, math.inf) if metric.startswith("hd95") else (0.0, 1.0)
+
+
+def clip_to_range(value: float, metric: str) -> float:
+    """An interval end clipped to the metric's range (NaN stays NaN).
+
+    Clipping only removes values the mean cannot take, so the interval's coverage is unchanged.
+    """
+    if math.isnan(value):
+        return value
+    low, high = metric_range(metric)
+    return min(max(value, low), high)
+
+
 def _fraction_text(value: float) -> str:
     return f"{value:g}"
 
@@ -282,8 +298,9 @@ def study_table(runs: Sequence[RunResult], settings: StudySettings) -> list[dict
                     "n_cases": cell.n_cases,
                     "mean": cell.mean,
                     "std": cell.std,
-                    "ci_low": cell.ci_low,
-                    "ci_high": cell.ci_high,
+                    # a t-interval is symmetric; the mean of a bounded metric cannot leave its range
+                    "ci_low": clip_to_range(cell.ci_low, metric),
+                    "ci_high": clip_to_range(cell.ci_high, metric),
                     "ci_method": cell.ci_method,
                     "ci_undefined": cell.n_undefined,
                     "ref_init": ref,
@@ -300,6 +317,7 @@ def study_table(runs: Sequence[RunResult], settings: StudySettings) -> list[dict
                     "bootstrap": settings.bootstrap_samples,
                 }
                 if init != ref and any(r.key[0] == ref for r in runs):
+                    span = metric_range(metric)[1] - metric_range(metric)[0]
                     paired = paired_difference(
                         arm,
                         units(metric, ref, fraction),
@@ -311,8 +329,9 @@ def study_table(runs: Sequence[RunResult], settings: StudySettings) -> list[dict
                     row.update(
                         n_pairs=paired.n_pairs,
                         diff_vs_ref=paired.diff,
-                        diff_ci_low=paired.ci_low,
-                        diff_ci_high=paired.ci_high,
+                        # the difference of two means within [a, b] lies within [a - b, b - a]
+                        diff_ci_low=max(paired.ci_low, -span) if not math.isnan(paired.ci_low) else paired.ci_low,
+                        diff_ci_high=min(paired.ci_high, span) if not math.isnan(paired.ci_high) else paired.ci_high,
                         diff_ci_method=paired.ci_method,
                         diff_ci_undefined=paired.n_undefined,
                         verdict=verdict(paired.ci_low, paired.ci_high, paired.n_pairs, higher_is_better),
