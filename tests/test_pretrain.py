@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -240,3 +241,13 @@ def test_cli_sigterm_exits_143_and_rerun_resumes(stores: dict[str, Path], tmp_pa
         assert (out / name).is_file()
     with open(out / "metrics.csv", encoding="utf-8") as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)] == [2, 4, 6]
+
+
+def test_queues_that_would_hold_stale_copies_of_the_data_are_flagged(stores: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    cases = collect_cases(stores)  # 39 2D items, 4 training volumes
+    caplog.set_level(logging.WARNING, logger="medclust.pretrain")
+    PretrainTask("joint", resolve_settings(tiny_settings(queue_length=8, queue_length_3d=2)), cases)
+    assert caplog.text == ""
+    PretrainTask("joint", resolve_settings(tiny_settings(queue_length=16, queue_length_3d=4)), cases)
+    assert "queue_length=16 is 41% of the 39 2D items" in caplog.text
+    assert "queue_length_3d=4 holds several copies of each of the 4 volumes" in caplog.text
