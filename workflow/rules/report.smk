@@ -156,22 +156,6 @@ rule plot_examples:
 # --- a model trained on simulated images, applied to real ones (task key `real_images`) -------
 
 
-def real_image_tasks():
-    """{task: real dataset} of the tasks whose model the report shows on real images."""
-    return {t: s["real_images"] for t, s in study_tasks().items() if s.get("real_images")}
-
-
-def real_image_run(task):
-    """The run shown: first pretrained init of the task's grid (else none), first fraction and seed."""
-    inits, fractions, seeds = finetune_grid(task)
-    init = next((i for i in inits if i != "none"), inits[0])
-    return f"{RESULTS}/finetune/{task}/{init}/{fraction_name(fractions[0])}/{seeds[0]}"
-
-
-def real_image_targets():
-    return [f"{RESULTS}/report/real_images/{task}.png" for task in real_image_tasks()]
-
-
 rule predict_real_images:
     input:
         model=lambda wildcards: f"{real_image_run(wildcards.task)}/model.pt",
