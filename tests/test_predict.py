@@ -305,6 +305,7 @@ def test_bundle_runs_with_monai_and_matches_predict(tmp_path, varied, new_scans)
     bundle_run(run_id="run", init_id="initialize", config_file=str(bundle / "configs" / "inference.json"),
                meta_file=str(bundle / "configs" / "metadata.json"), logging_file=False, bundle_root=str(bundle),
                input_files=[str(source)], output_dir=str(tmp_path / "bundle_out"))
+    assert torch.is_grad_enabled()  # the bundle leaves no global autograd switch behind in its caller
     predict_inputs(varied, [source], tmp_path / "predict_out", progress=False)
     from_bundle = nib.load(tmp_path / "bundle_out" / "oblique.nii.gz")
     from_predict = nib.load(tmp_path / "predict_out" / "oblique.nii.gz")

@@ -313,9 +313,12 @@ def _inference_config(package: ModelPackage) -> dict[str, Any]:
              "classes": {str(k): v for k, v in package.classes.items()}, "level": config["inferer"]["level"]},
         ]
     config["postprocessing"] = {"_target_": "Compose", "transforms": post}
-    config["initialize"] = ["$torch.set_grad_enabled(False)", "@load_weights", "$@network.eval()"]
+    config["initialize"] = ["@load_weights", "$@network.eval()"]
+    # no_grad around the loop only: a global set_grad_enabled(False) would outlive the run in the
+    # caller's process (monai.bundle.run in Python, not only `python -m monai.bundle run`)
     config["run"] = [
-        "$[@postprocessing({**d, 'pred': @inferer(d['image'][None].to(@device), @network)[0]}) for d in @dataset]"
+        "$torch.no_grad()(lambda: [@postprocessing({**d, 'pred': @inferer(d['image'][None].to(@device), @network)[0]})"
+        " for d in @dataset])()"
     ]
     return config
 
