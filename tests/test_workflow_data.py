@@ -90,7 +90,7 @@ def _synthetic_study(root: Path) -> None:
         "  synth_ct: {format: msd, path: data/msd}\n"
         "  synth_mixed: {format: manifest, path: data/mixed/list.csv, preprocess: {spacing: [4.0, 4.0, 4.0]}}\n"
         "  synth_xr: {format: images, path: data/xr}\n"
-        "  demo_xray: {format: images, demo: chest_xray, path: resources/demo/chest_xray, modality: XR}\n",
+        "  demo_xray: {format: images, demo: chest_xray, path: resources/demo/chest_xray, modality: XR, assume_pixel_spacing: [0.2, 0.2]}\n",
         encoding="utf-8",
     )
     # Reuse the repository's wheel cache when it has the pinned wheel (no network then);
