@@ -17,16 +17,14 @@ from finetune_helpers import phantom, store_affine, write_store
 from medclust.data.downstream import (
     TaskCase,
     context_stack,
-    fraction_subset,
     gaussian_heatmap,
-    plan_splits,
     remap_labels,
     resolve_label_groups,
     simulate_nodules,
-    slab_layout,
     slice_centre_heatmap,
     slice_targets_from_mask,
 )
+from medclust.data.splits import fraction_subset, plan_splits, slab_layout
 from medclust.errors import MedclustError
 from medclust.evaluate import evaluate_run
 from medclust.evaluate.predict import group_peaks

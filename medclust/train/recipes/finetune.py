@@ -4,7 +4,7 @@
 
 1. loads the task's slice store(s) and derives the targets (label groups, slice-level labels,
    centre heatmaps of lesions or simulated nodules);
-2. splits cases/slabs into train/val/test (:func:`medclust.data.downstream.plan_splits`) and
+2. splits cases/slabs into train/val/test (:func:`medclust.data.splits.plan_splits`) and
    keeps the seeded, nested label fraction of the training items;
 3. trains a :class:`FinetuneTask` with :class:`medclust.train.Trainer` (checkpoints, resume,
    signals), evaluating on the validation items every ``eval_every`` steps and keeping the best

@@ -2,7 +2,7 @@
 
 Loads the task's store(s), derives the targets (label groups, slice-level labels, centre heatmaps
 of lesions or simulated nodules), splits cases/slabs into train/val/test
-(:func:`medclust.data.downstream.plan_splits`) and keeps the seeded, nested label fraction of the
+(:func:`medclust.data.splits.plan_splits`) and keeps the seeded, nested label fraction of the
 training items. Used by :mod:`medclust.train.recipes.finetune`.
 """
 
@@ -20,11 +20,9 @@ from typing import Any
 import numpy as np
 
 from medclust.data.downstream import (
-    SplitPlan,
     TaskCase,
     gaussian_heatmap,
     load_cases,
-    plan_splits,
     read_store_json,
     remap_labels,
     resolve_label_groups,
@@ -32,6 +30,7 @@ from medclust.data.downstream import (
     slice_centre_heatmap,
     slice_targets_from_mask,
 )
+from medclust.data.splits import SplitPlan, plan_splits
 from medclust.errors import BadInputError, MedclustError
 from medclust.io.original_grid import world_to_store_index
 from medclust.preprocess.intensity import hu_to_store, store_value_range
@@ -326,8 +325,8 @@ def prepare_task_data(
 
 def _apply_fraction_to_plan(plan: SplitPlan, fraction: float, seed: int, settings: Mapping[str, Any]) -> SplitPlan:
     """The label fraction of a detection plan (made at fraction 1 for the simulation): slices of
-    training and, alike, of validation (:func:`medclust.data.downstream.apply_label_fraction`)."""
-    from medclust.data.downstream import apply_label_fraction
+    training and, alike, of validation (:func:`medclust.data.splits.apply_label_fraction`)."""
+    from medclust.data.splits import apply_label_fraction
 
     plan.train, plan.val, plan.train_total = apply_label_fraction(plan.train, plan.val, "slices", fraction, seed)
     plan.unit = "slices"
