@@ -96,6 +96,26 @@ def test_random_baseline_is_the_none_encoder(joint_run: Path, stores: dict[str, 
         assert none[label]["gap_knn"] == 0.0
     header, rows = _rows(tmp_path / "none" / "metrics.csv")
     assert header[:2] == ["step", "loss"] and len(rows) == 1 and rows[0][0] == "0"
+    # clustering.json: the random init has no cluster head to score, only its embedding
+    none_clusters = json.loads((tmp_path / "none" / "clustering.json").read_text(encoding="utf-8"))
+    assert none_clusters["labels"]["dataset"]["assignments"] is None
+    assert none_clusters["probes"]["dataset"]["knn"] == pytest.approx(none["dataset"]["knn"])
+
+
+def test_clustering_json_scores_embedding_and_own_clusters(joint_run: Path) -> None:
+    report = json.loads((joint_run / "clustering.json").read_text(encoding="utf-8"))
+    assert report["method"] == "joint" and report["step"] == 4
+    dataset = report["labels"]["dataset"]
+    assert dataset["items"] == 39 and dataset["classes"] == 2  # 36 CT slices + 3 radiographs
+    assert dataset["embedding"]["k"] == 2
+    for partition in ("embedding", "assignments"):
+        scores = dataset[partition]
+        assert 0.0 <= scores["nmi"] <= 1.0 and -1.0 <= scores["ari"] <= 1.0 and 0.5 <= scores["accuracy"] <= 1.0
+    assert 1 <= dataset["assignments"]["clusters"] <= resolve_settings(tiny_settings())["k_2d"]
+    # z bins exist for volume slices only: radiographs are left out of that label
+    assert report["labels"]["z_bin"]["items"] == 36
+    provenance = json.loads((joint_run / "provenance.json").read_text(encoding="utf-8"))["settings"]["probes"]
+    assert report["probes"]["z_bin"]["linear"] == pytest.approx(provenance["labels"]["z_bin"]["linear"])
 
 
 def test_monitor_leaves_training_unchanged(stores: dict[str, Path], tmp_path: Path) -> None:

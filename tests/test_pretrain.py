@@ -207,8 +207,8 @@ def test_snakemake_3d_key_list_matches_recipe(repo_root: str) -> None:
 
 
 def test_unknown_method_and_missing_data_fail_clearly(stores: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(MedclustError, match="unknown method 'simclr'"):
-        run_pretraining("simclr", tiny_settings(), stores, tmp_path / "x")
+    with pytest.raises(MedclustError, match="unknown method 'swav'"):
+        run_pretraining("swav", tiny_settings(), stores, tmp_path / "x")
     with pytest.raises(MedclustError, match="'stpes' was unexpected"):
         run_pretraining("swav2d", tiny_settings(stpes=3), stores, tmp_path / "x")
     with pytest.raises(MedclustError, match="index.json"):

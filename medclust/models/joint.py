@@ -14,6 +14,8 @@ objectives run. A typical joint step::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,12 +82,16 @@ class JointModel(nn.Module):
         k_3d: number of volume (inter) prototypes.
         mask_ratio: default fraction of real slices replaced by the mask token.
         hidden_dim: hidden size of the heads (default ``2 * d_model``).
+        extra_heads: modules that only one 2D objective trains (e.g. NNCLR's predictor, DEPICT's
+            decoder), kept in ``extra`` so that the optimiser, checkpoints and gradient
+            all-reduce see them like every other parameter.
 
     Attributes:
         head_2d, head_3d: projection heads to ``proj_dim`` (unit norm).
         predictor: head from contextualised tokens to slice-embedding space (D, not normalised).
         mask_token: (D,) learned token.
         prototypes_2d, prototypes_3d: :class:`Prototypes`.
+        extra: :class:`~torch.nn.ModuleDict` of ``extra_heads`` (empty by default).
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class JointModel(nn.Module):
         k_3d: int = 100,
         mask_ratio: float = 0.3,
         hidden_dim: int | None = None,
+        extra_heads: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if getattr(encoder, "d_model", d_model) != d_model or (
@@ -125,6 +132,7 @@ class JointModel(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(d_model))
             nn.init.normal_(self.mask_token, std=0.02)
             self.prototypes_3d = Prototypes(proj_dim, k_3d)
+        self.extra = nn.ModuleDict(dict(extra_heads or {}))
 
     @property
     def has_volume_branch(self) -> bool:

@@ -31,6 +31,7 @@ from torch import nn
 from medclust.data.pretrain_datasets import PretrainCase
 from medclust.data.probe_set import ProbeSet, build_probe_set
 from medclust.errors import MedclustError
+from medclust.evaluate.cluster_quality import cluster_quality
 from medclust.evaluate.probes import ProbeResult, ProbeSettings, run_probes
 from medclust.io.atomic import atomic_path
 from medclust.train.seeding import rng_state, seed_everything, set_rng_state
@@ -96,7 +97,7 @@ class LearningMonitor:
         self._random: dict[str, ProbeResult] | None = None
         self.last: tuple[int, dict[str, ProbeResult]] | None = None
 
-    def _features(self, encoder: nn.Module, device: torch.device) -> torch.Tensor:
+    def _features(self, encoder: nn.Module, device: torch.device, kind: str) -> torch.Tensor:
         out = []
         n = len(self.probe_set)
         # equal-sized chunks: each counts the same in the cumulative BatchNorm statistics
@@ -104,12 +105,14 @@ class LearningMonitor:
             x = self.probe_set.images[torch.from_numpy(idx), None].to(device)
             # stage_features bypasses a torch.compile'd forward (no recompilation for eval mode)
             f = torch.cat(encoder.stage_features(x), dim=1)
-            out.append((f if self.features == "backbone" else encoder.proj(f)).float().cpu())
+            out.append((f if kind == "backbone" else encoder.proj(f)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, 0)
 
     @torch.no_grad()
-    def embed(self, model: nn.Module) -> torch.Tensor:
+    def embed(self, model: nn.Module, features: str | None = None) -> torch.Tensor:
         """(N, F) features of the probe set under ``model``'s encoder (float32, CPU), in eval mode.
+
+        ``features`` (one of :data:`FEATURES`) overrides the monitor's own choice.
 
         With ``bn_stats="probe_set"`` a copy of the encoder normalises with the BatchNorm
         statistics of the probe items (estimated in a first pass when they take more than one
@@ -119,6 +122,7 @@ class LearningMonitor:
         anything. ``"running"`` uses the encoder's own running statistics. The model itself is
         never changed.
         """
+        kind = features or self.features
         encoder = getattr(model, "_orig_mod", model).encoder
         device = next(encoder.parameters()).device
         if self.bn_stats == "probe_set":
@@ -128,15 +132,15 @@ class LearningMonitor:
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over the passes
             encoder.train()
-            features = self._features(encoder, device)
+            features = self._features(encoder, device, kind)
             if len(self.probe_set) <= self.chunk:
                 return features  # one batch: train-mode BatchNorm normalised with the probe set's own statistics
             encoder.eval()
-            return self._features(encoder, device)
+            return self._features(encoder, device, kind)
         was_training = encoder.training
         encoder.eval()
         try:
-            return self._features(encoder, device)
+            return self._features(encoder, device, kind)
         finally:
             encoder.train(was_training)
 
@@ -152,6 +156,28 @@ class LearningMonitor:
         self.seconds += time.perf_counter() - started
         self.calls += 1
         return results
+
+    @torch.no_grad()
+    def clustering(self, model: nn.Module, own_assignments: bool, seed: int = 0) -> dict[str, Any]:
+        """Clustering metrics of ``model`` on the probe set (:func:`~medclust.evaluate.cluster_quality.cluster_quality`).
+
+        Args:
+            model: the (joint) model.
+            own_assignments: also score the model's own clusters, the argmax of its 2D
+                prototype scores (methods with a cluster head).
+            seed: k-means seed.
+        """
+        saved = rng_state()
+        try:
+            assignments = None
+            if own_assignments:
+                jm = getattr(model, "_orig_mod", model)
+                device = next(jm.parameters()).device
+                emb = self.embed(model, "embedding").to(device)
+                assignments = jm.prototypes_2d(jm.project_2d(emb)).argmax(dim=1).cpu().numpy()
+            return cluster_quality(self.embed(model), self.probe_set.targets, assignments, seed)
+        finally:
+            set_rng_state(saved)
 
     def random_results(self, device: torch.device | None = None) -> dict[str, ProbeResult]:
         """The probes of the seeded random initialisation (computed once)."""

@@ -168,6 +168,8 @@ def report_targets():
         if task_type(task) in ("segmentation", "detection"):
             targets.append(f"{RESULTS}/report/examples/{task}.png")
     targets += real_image_targets()  # report.smk
+    if len(report_methods()) >= 3:  # a family of methods side by side (report.smk method_comparison)
+        targets += [f"{RESULTS}/report/method_comparison.{ext}" for ext in ("csv", "html", "png")]
     return targets
 
 
@@ -520,7 +522,16 @@ def finetune_args(wildcards, input):
 
 # --- pretraining helpers (begin) ---------------------------------------------------------------
 
-PRETRAIN_METHODS = ("joint", "swav2d", "deepcluster2d", "none")
+# Keep in sync with medclust.train.recipes.pretrain_methods (tests/test_pretrain_methods.py checks).
+PRETRAIN_METHODS = (
+    "joint", "swav2d", "deepcluster2d", "simclr", "nnclr", "depict", "lnscc", "gedi",
+    "joint-simclr", "joint-nnclr", "joint-depict", "joint-lnscc", "joint-gedi", "none",
+)
+# The options section of each 2D objective, by method; a run leaves the other sections out.
+PRETRAIN_SECTIONS = {
+    "deepcluster2d": "deepcluster", "simclr": "simclr", "nnclr": "nnclr", "depict": "depict",
+    "lnscc": "lnscc", "gedi": "gedi",
+}
 
 # Settings only the joint method reads: the 2D methods run with schema defaults for them, and the
 # keys are left out of their params, so tuning the 3D branch does not re-run the 2D baselines.
@@ -543,13 +554,14 @@ def pretrain_datasets():
 
 def pretrain_method_settings(method):
     """What one method's run depends on: the `pretrain` section minus the method list, the dataset
-    list (the stores are inputs), the 3D keys for 2D methods and `deepcluster` for the others;
-    plus the global seed."""
+    list (the stores are inputs), the 3D keys for 2D methods and the other objectives' option
+    sections; plus the global seed."""
     drop = {"methods", "datasets"}
-    if method != "joint":
+    joint = method == "joint" or method.startswith("joint-")
+    if not joint:
         drop |= set(PRETRAIN_3D_KEYS)
-    if method != "deepcluster2d":
-        drop.add("deepcluster")
+    own = PRETRAIN_SECTIONS.get(method.removeprefix("joint-"))
+    drop |= {section for section in PRETRAIN_SECTIONS.values() if section != own}
     settings = {k: v for k, v in config["pretrain"].items() if k not in drop}
     settings["seed"] = config["seed"]
     return settings

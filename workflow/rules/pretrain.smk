@@ -1,7 +1,8 @@
 # Pretraining: one run per {method} (owned by the pretraining stage).
 #   rule pretrain_method  results/pretrain/{method}/encoder.pt (+ model.json: with encoder.pt the
 #                         encoder's model package; metrics.csv, embeddings.npz,
-#                         provenance.json, slice_encoder.pt, tensorboard/). Its checkpoint/ folder is
+#                         provenance.json, clustering.json (NMI/ARI/Hungarian accuracy and probe
+#                         scores against the free labels), slice_encoder.pt, tensorboard/). Its checkpoint/ folder is
 #                         NOT an output: it survives a failed, pre-empted or killed job, and the rerun
 #                         resumes from it ("resuming from step N" in the log); it also holds the live
 #                         metrics.csv. The declared outputs are renamed into place together at the very
@@ -24,6 +25,7 @@ rule pretrain_method:
         metrics=f"{RESULTS}/pretrain/{{method}}/metrics.csv",
         embeddings=f"{RESULTS}/pretrain/{{method}}/embeddings.npz",
         provenance=f"{RESULTS}/pretrain/{{method}}/provenance.json",
+        clustering=f"{RESULTS}/pretrain/{{method}}/clustering.json",
     params:
         settings=lambda wildcards: as_json(pretrain_method_settings(wildcards.method)),
         datasets=lambda wildcards: as_json(pretrain_probe_datasets()),

@@ -1,6 +1,7 @@
 """Pretraining recipe: the joint 2D/3D intra-inter contrastive clustering task and its baselines.
 
-Methods (config ``pretrain.methods``):
+Methods (config ``pretrain.methods``; names and their 2D objectives: :mod:`.pretrain_methods`,
+the objectives' glue: :mod:`.pretrain_objectives`):
 
 - ``joint`` — ``w_intra * L_intra + w_inter * L_inter + w_mask * L_mask`` in one run. L_intra
   is SwAV between two views of every 2D item (slices and radiographs); L_inter is SwAV between
@@ -26,7 +27,8 @@ Settings and the model they build live in :mod:`.pretrain_settings`, the embeddi
 :mod:`.pretrain_export`; this module is the training task and the run.
 
 Outputs of :func:`run_pretraining` in ``out_dir``: ``metrics.csv`` and ``tensorboard/`` (by the
-trainer), ``embeddings.npz``, ``provenance.json``, ``slice_encoder.pt`` and, written last,
+trainer), ``embeddings.npz``, ``provenance.json``, ``clustering.json`` (NMI / ARI / Hungarian
+accuracy against the free labels, :mod:`medclust.evaluate.cluster_quality`), ``slice_encoder.pt`` and, written last,
 ``encoder.pt`` (the MONAI ``ResNetEncoder`` state dict that ``FlexibleUNet(...).encoder`` loads
 with ``strict=True``).
 """
@@ -47,13 +49,16 @@ from torch.utils.data import DataLoader
 from medclust.data.augment import AugmentSettings
 from medclust.data.pretrain_datasets import CaseArrays, PretrainBatches, PretrainCase, collect_cases, item_table, plan_epoch, volume_table
 from medclust.errors import MedclustError
-from medclust.io.atomic import atomic_path, publish_together, save_torch_atomic, staged_path
-from medclust.losses import Agreement3DLoss, DeepClusterLoss, MaskedEmbeddingLoss, MemoryBank, SwAVLoss
+from medclust.evaluate.cluster_quality import probe_scores
+from medclust.io.atomic import atomic_path, publish_together, save_torch_atomic, staged_path, write_json_atomic
+from medclust.losses import Agreement3DLoss, DeepClusterLoss, MaskedEmbeddingLoss, MemoryBank
 from medclust.models import JointModel, SliceEncoder, normalize_prototypes_
 from medclust.provenance import write_provenance
 from medclust.train.distributed import DistContext
-from medclust.train.monitor import build_monitor, finish_monitor
+from medclust.train.monitor import LearningMonitor, build_monitor, finish_monitor
 from medclust.train.recipes.pretrain_export import export_cases, export_embeddings
+from medclust.train.recipes.pretrain_methods import OBJECTIVE_SECTIONS, cluster_head, is_joint, objective_of
+from medclust.train.recipes.pretrain_objectives import Objective2D, build_objective
 from medclust.train.recipes.pretrain_settings import (
     METHODS,
     METRIC_COLUMNS,
@@ -101,7 +106,7 @@ class PretrainTask:
         if unknown:
             log.warning("pretrain.augment.flip_axes: %s are not among the pretraining datasets; ignored", unknown)
         self.num_items = len(item_table(self.arrays))
-        self.uses_3d = method == "joint" and (self.s["w_inter"] > 0 or self.s["w_mask"] > 0) and self.s["batch_size_3d"] > 0
+        self.uses_3d = is_joint(method) and (self.s["w_inter"] > 0 or self.s["w_mask"] > 0) and self.s["batch_size_3d"] > 0
         self.num_volumes = len(volume_table(self.arrays)) if self.uses_3d else 0
         if self.num_items == 0:
             raise MedclustError("pretrain: the selected datasets and splits hold no images")
@@ -122,7 +127,8 @@ class PretrainTask:
             )
         self.context = DistContext()
         t, eps, iters, proj = self.s["temperature"], self.s["epsilon"], self.s["sinkhorn_iterations"], self.s["proj_dim"]
-        self.swav = SwAVLoss(t, eps, iters, queue_length=self.s["queue_length"], feature_dim=proj)
+        name = objective_of(method)
+        self.objective: Objective2D | None = build_objective(name, self.s) if name not in (None, "deepcluster") else None
         self.agree = Agreement3DLoss(t, eps, iters, queue_length=self.s["queue_length_3d"], feature_dim=proj)
         self.masked = MaskedEmbeddingLoss(self.s["mask_loss"])
         self.dc_loss = DeepClusterLoss(t)
@@ -167,8 +173,9 @@ class PretrainTask:
                 f"pretrain: the per-step 2D items ({b2}) and volumes ({b3}) must be divisible by the {ws} training "
                 "processes (see batch_size_2d, batch_size_3d, s_max)"
             )
-        for module in (self.swav, self.agree):
-            module.to(context.device)
+        for module in (self.objective, self.agree):
+            if module is not None:
+                module.to(context.device)
         if self.method == "deepcluster2d":
             steps = max(1, self.num_items // b2)
             size = self.s["deepcluster"]["memory_size"] or steps * (b2 // ws)
@@ -178,10 +185,11 @@ class PretrainTask:
     def build_model(self) -> nn.Module:
         """The joint model; without its volume branch when the method has no 3D objective.
 
-        The encoder is built first either way, so the seeded initialisation (what ``none``
-        exports) does not depend on the method.
+        The encoder is built first either way (then the objective's extra heads), so the seeded
+        initialisation (what ``none`` exports) does not depend on the method.
         """
-        return build_joint_model(self.s, volume_branch=self.uses_3d)
+        heads = self.objective.heads if self.objective is not None else None
+        return build_joint_model(self.s, volume_branch=self.uses_3d, extra_heads=heads)
 
     def compile_model(self, model: nn.Module) -> None:
         """``torch.compile`` the encoder and the slice attention in place (the steps call them, not ``model``)."""
@@ -262,8 +270,7 @@ class PretrainTask:
         images = views.flatten(0, 1)  # (2n, 1, h, w): view 1 then view 2
         stage_3d = self.uses_3d and "volumes" in batch and step >= self.s["warmup_2d_steps"]
         if not (stage_3d or (self.reuse_slices and "volumes" in batch)):
-            loss_intra = self._swav(jm, jm.embed_slices(images), n)
-            return self._joint_out(loss_intra) if self.method == "joint" else {"loss": loss_intra, "loss_intra": loss_intra}
+            return self._joint_out(self._intra(jm, jm.embed_slices(images), n, images))
 
         vols, valid, z_mm = batch["volumes"], batch["valid"], batch["z_mm"]
         _, b, s_max, hv, wv = vols.shape
@@ -281,25 +288,26 @@ class PretrainTask:
             rows, slots = (pair >= 0).nonzero(as_tuple=True)
             emb2d = torch.cat([emb2d[:n], tokens[:b][rows, slots], emb2d[n:], tokens[b:][rows, pair[rows, slots]]])
             n = n + len(rows)
-        loss_intra = self._swav(jm, emb2d, n)
+        intra = self._intra(jm, emb2d, n, images)
         if not stage_3d:  # staged schedule: the 2D objective only, volume slices as 2D items
-            return self._joint_out(loss_intra)
+            return self._joint_out(intra)
         mask = jm.sample_mask(valid) if self.s["w_mask"] > 0 else None
         token_out, volume = jm.embed_volume(tokens, z_mm.reshape(2 * b, s_max), valid, mask)
         scores = jm.prototypes_3d(volume)
         loss_inter = self.agree(scores[:b], scores[b:], volume[:b], volume[b:], jm.prototypes_3d)
         loss_mask = self.masked(jm.predict_masked(token_out), tokens, mask) if mask is not None else loss_inter.new_zeros(())
-        return self._joint_out(loss_intra, loss_inter, loss_mask)
+        return self._joint_out(intra, loss_inter, loss_mask)
 
-    def _swav(self, jm: JointModel, emb2d: Tensor, n: int) -> Tensor:
-        z = jm.project_2d(emb2d)
-        scores = jm.prototypes_2d(z)
-        return self.swav(scores[:n], scores[n:], z[:n], z[n:], jm.prototypes_2d)
+    def _intra(self, jm: JointModel, emb2d: Tensor, n: int, images: Tensor) -> dict[str, Tensor]:
+        """The method's 2D objective on n two-view items; ``images``: both views of the first of them."""
+        assert self.objective is not None  # deepcluster2d has its own step; none never trains
+        return self.objective(jm, emb2d, n, images if self.objective.needs_images else None)
 
-    def _joint_out(self, loss_intra: Tensor, loss_inter: Tensor | None = None, loss_mask: Tensor | None = None) -> dict[str, Tensor]:
+    def _joint_out(self, intra: Mapping[str, Tensor], loss_inter: Tensor | None = None, loss_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """The total (weighted in joint forms; the 2D objective alone otherwise) and every term."""
         s = self.s
-        loss = s["w_intra"] * loss_intra
-        out = {"loss_intra": loss_intra}
+        out = dict(intra)
+        loss = s["w_intra"] * out["loss_intra"] if is_joint(self.method) else out["loss_intra"]
         if loss_inter is not None and loss_mask is not None:
             loss = loss + s["w_inter"] * loss_inter + s["w_mask"] * loss_mask
             out.update(loss_inter=loss_inter, loss_mask=loss_mask)
@@ -332,7 +340,9 @@ class PretrainTask:
 
     def state_dict(self) -> dict[str, Any]:
         """Queues, memory bank and cluster assignments (this rank's)."""
-        state: dict[str, Any] = {"swav": self.swav.state_dict(), "agree": self.agree.state_dict()}
+        state: dict[str, Any] = {"agree": self.agree.state_dict()}
+        if self.objective is not None:
+            state["objective"] = self.objective.state_dict()
         if self.bank is not None:
             state["bank"] = self.bank.state_dict()
             state["assignments"] = self.assignments
@@ -340,7 +350,8 @@ class PretrainTask:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.swav.load_state_dict(state["swav"])
+        if self.objective is not None:
+            self.objective.load_state_dict(state["objective"])
         self.agree.load_state_dict(state["agree"])
         if self.bank is not None and "bank" in state:
             self.bank.load_state_dict(state["bank"])
@@ -351,6 +362,22 @@ def _unwrap(model: nn.Module) -> JointModel:
     """The JointModel behind a ``torch.compile`` wrapper."""
     return getattr(model, "_orig_mod", model)  # type: ignore[return-value]
 
+
+
+def _clustering_report(
+    method: str, monitor: LearningMonitor | None, model: nn.Module, step: int, probes: Mapping[str, Any] | None, seed: int
+) -> dict[str, Any]:
+    """``clustering.json``: NMI / ARI / Hungarian accuracy per free label, and the probe scores.
+
+    The method's own clusters are scored where it has a cluster head (not ``none``: random
+    prototypes assign nothing the method learned); every method's embedding is clustered by k-means.
+    """
+    report: dict[str, Any] = {"method": method, "step": int(step)}
+    if monitor is None:
+        return {**report, "labels": {}, "probes": {}, "note": "pretrain.probe.enabled is false: no probe set, nothing scored"}
+    own = cluster_head(method)
+    labels = monitor.clustering(model, own_assignments=own, seed=seed)
+    return {**report, "features": monitor.features, "probe_set": monitor.probe_set.describe(), "labels": labels, "probes": probe_scores(probes)}
 
 
 def _save_torch_atomic(obj: Any, path: Path) -> None:
@@ -390,9 +417,13 @@ def run_pretraining(
         raise MedclustError(f"pretrain: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     started = time.perf_counter()
     s = resolve_settings(settings)
-    if method != "joint":  # see THREE_D_KEYS: 2D methods never depend on these
-        defaults = resolve_settings({})
+    # a run depends only on what its method reads: 2D methods on no 3D key, each method on its own
+    # objective's section (the others keep their schema defaults); see THREE_D_KEYS
+    defaults = resolve_settings({})
+    if not is_joint(method):
         s.update({k: defaults[k] for k in THREE_D_KEYS})
+    own = OBJECTIVE_SECTIONS.get(objective_of(method) or "")
+    s.update({k: defaults[k] for k in OBJECTIVE_SECTIONS.values() if k != own})
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoint"
     cases = collect_cases(stores, s["splits"])
@@ -418,6 +449,7 @@ def run_pretraining(
     probes = None
     if monitor is not None:
         probes = finish_monitor(monitor, model, trainer.step, out_dir / "metrics.csv", METRIC_COLUMNS, trained, trainer.context.device)
+    write_json_atomic(out_dir / "clustering.json", _clustering_report(method, monitor, model, trainer.step, probes, s["seed"]))
     model = model.cpu()
     metrics = staged_path(out_dir / "metrics.csv")  # written by the trainer, published at the end
     if not metrics.exists() or metrics.stat().st_size == 0:  # `none` trains nothing: header only

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jsonschema
+from torch import nn
 
 from medclust.config import load_schema
 from medclust.errors import MedclustError
 from medclust.models import JointModel, SliceAttention, SliceEncoder
+from medclust.train.recipes.pretrain_methods import METHODS
 
 __all__ = ["METHODS", "METRIC_COLUMNS", "RUNTIME_KEYS", "THREE_D_KEYS", "build_joint_model", "resolve_settings"]
 
-METHODS = ("joint", "swav2d", "deepcluster2d", "none")
-#: settings only the joint method reads; other methods run with their schema defaults, so that
+#: settings only the joint methods read; other methods run with their schema defaults, so that
 #: tuning the 3D branch does not invalidate (re-trigger) the 2D baselines (the Snakemake rule
 #: leaves them out of those methods' params: PRETRAIN_3D_KEYS in workflow/rules/common.smk)
 THREE_D_KEYS = (
@@ -74,14 +75,21 @@ def resolve_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def build_joint_model(s: Mapping[str, Any], volume_branch: bool = True) -> JointModel:
+def build_joint_model(
+    s: Mapping[str, Any], volume_branch: bool = True, extra_heads: Callable[[], Mapping[str, nn.Module]] | None = None
+) -> JointModel:
     """Encoder + slice attention + heads + prototypes from resolved settings.
 
     Args:
         s: resolved settings.
         volume_branch: build the slice attention, volume head, predictor, mask token and volume
             prototypes (False for the 2D-only methods, which never use them).
+        extra_heads: builds a 2D objective's own modules (called after the encoder, so that the
+            encoder's seeded initialisation is the same for every method).
     """
     encoder = SliceEncoder(s["backbone"], d_model=s["d_model"])
     attention = SliceAttention(s["d_model"], heads=s["heads"], points=s["points"], layers=s["layers"]) if volume_branch else None
-    return JointModel(encoder, attention, d_model=s["d_model"], proj_dim=s["proj_dim"], k_2d=s["k_2d"], k_3d=s["k_3d"], mask_ratio=s["mask_ratio"])
+    extra = extra_heads() if extra_heads is not None else None
+    return JointModel(
+        encoder, attention, d_model=s["d_model"], proj_dim=s["proj_dim"], k_2d=s["k_2d"], k_3d=s["k_3d"], mask_ratio=s["mask_ratio"], extra_heads=extra
+    )

@@ -1,0 +1,88 @@
+"""The 2D objectives of the pretraining methods, as the pretraining task calls them.
+
+Each objective wraps one loss of :mod:`medclust.losses` (a pure function plus a thin module)
+with what the method needs from the shared model: which head produces its features, which extra
+trainable heads it adds (built into :class:`~medclust.models.JointModel` ``extra``) and, for the
+generative members, the images themselves. The task hands every objective the same thing:
+
+- ``emb``: (2n, D) slice embeddings, rows ``[0, n)`` view 1 and ``[n, 2n)`` view 2 of the same
+  n 2D items (slices and radiographs; in a joint step also the volume slices both views kept);
+- ``images``: (2m, 1, h, w), both views of the first m of those items (the independently drawn
+  2D items, m <= n; None unless the objective ``needs_images``): their embeddings are
+  ``emb[:m]`` and ``emb[n:n + m]`` (:func:`split_views`).
+
+An objective returns ``{"loss_intra": ...}`` and may add its terms (``loss_recon``, ...), which
+go to ``metrics.csv`` beside the total. Stateful parts (queues, replay buffers) are buffers of
+the objective, so the task's checkpoint carries them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medclust.errors import MedclustError
+from medclust.losses import SwAVLoss
+from medclust.models import JointModel
+
+__all__ = ["Objective2D", "SwAVObjective", "build_objective"]
+
+
+class Objective2D(nn.Module):
+    """A method's 2D objective (base class).
+
+    Args:
+        settings: resolved ``pretrain`` settings.
+    """
+
+    #: whether :meth:`forward` reads ``images`` (the task then keeps them at hand)
+    needs_images: bool = False
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.s = dict(settings)
+
+    def heads(self) -> dict[str, nn.Module]:
+        """Extra trainable modules the objective adds to the model (built after the encoder)."""
+        return {}
+
+    def forward(self, jm: JointModel, emb: Tensor, n: int, images: Tensor | None = None) -> dict[str, Tensor]:
+        """The objective on two views of n items (see the module docstring). Returns ``loss_intra`` and terms."""
+        raise NotImplementedError
+
+
+class SwAVObjective(Objective2D):
+    """SwAV swapped prediction on the 2D prototypes (``joint``, ``swav2d``)."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        s = self.s
+        self.loss = SwAVLoss(s["temperature"], s["epsilon"], s["sinkhorn_iterations"], queue_length=s["queue_length"], feature_dim=s["proj_dim"])
+
+    def forward(self, jm: JointModel, emb: Tensor, n: int, images: Tensor | None = None) -> dict[str, Tensor]:
+        z = jm.project_2d(emb)
+        scores = jm.prototypes_2d(z)
+        return {"loss_intra": self.loss(scores[:n], scores[n:], z[:n], z[n:], jm.prototypes_2d)}
+
+
+_OBJECTIVES: dict[str, type[Objective2D]] = {"swav": SwAVObjective}
+
+
+def build_objective(name: str, settings: Mapping[str, Any]) -> Objective2D:
+    """The objective called ``name`` (:data:`~.pretrain_methods.OBJECTIVES` values except deepcluster).
+
+    Raises:
+        MedclustError: an objective without a per-step implementation here.
+    """
+    if name not in _OBJECTIVES:
+        raise MedclustError(f"pretrain: no 2D objective {name!r}; choose one of {', '.join(_OBJECTIVES)}")
+    return _OBJECTIVES[name](settings)
+
+
+def split_views(x: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    """Rows of the first m items of both views out of a (2n, ...) two-view tensor."""
+    return x[:m], x[n : n + m]
+
