@@ -401,6 +401,30 @@ def _cmd_verdict_table(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _cmd_method_comparison(sub: Any) -> None:
+    p = sub.add_parser(
+        "method-comparison",
+        help="every pretraining method side by side: clustering, probes and fine-tuning verdicts (CSV, HTML, PNG)",
+        description="One row per method (--methods order, none last): NMI/ARI/Hungarian accuracy and probe scores "
+        "per free label from each clustering.json, and per task the primary metric at the smallest label "
+        "fraction with its interval and verdict copied from the study tables.",
+    )
+    p.add_argument("--clustering", type=Path, nargs="+", required=True, help="results/pretrain/{method}/clustering.json")
+    p.add_argument("--study", type=Path, nargs="*", default=[], help="results/study/{task}.csv")
+    p.add_argument("--methods", nargs="*", default=None, help="config pretrain.methods, for the row order")
+    p.add_argument("--out-csv", type=Path, default=None, help="results/report/method_comparison.csv")
+    p.add_argument("--out-html", type=Path, default=None, help="results/report/method_comparison.html")
+    p.add_argument("--out-png", type=Path, default=None, help="results/report/method_comparison.png")
+
+    def run(args: argparse.Namespace) -> None:
+        from medclust.report.method_comparison import load_comparison, write_method_comparison
+
+        comparison = load_comparison(args.clustering, args.study, args.methods)
+        write_method_comparison(comparison, args.out_csv, args.out_html, args.out_png)
+
+    p.set_defaults(func=run)
+
+
 def _run_dirs(paths: Sequence[Path]) -> dict[str, Path]:
     """``{init: run folder}`` from run folders (or files inside them), init read from run.json."""
     out = {}

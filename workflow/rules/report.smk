@@ -125,6 +125,42 @@ rule verdict_table:
         "medclust verdict-table --tables {input:q} --out {output:q} > {log:q} 2>&1"
 
 
+# Every pretraining method side by side, for a study of three or more methods (report_targets in
+# common.smk; the demo's joint-vs-none study has none): each encoder's clustering quality and
+# probes (clustering.json of pretrain_method) and its fine-tuning verdicts from the study tables.
+rule method_comparison:
+    input:
+        clustering=lambda wildcards: [f"{RESULTS}/pretrain/{m}/clustering.json" for m in report_methods()],
+        study=lambda wildcards: [f"{RESULTS}/study/{task}.csv" for task in study_tasks()],
+    output:
+        csv=f"{RESULTS}/report/method_comparison.csv",
+        html=report(
+            f"{RESULTS}/report/method_comparison.html",
+            category="Method comparison",
+            caption="../report/method_comparison.rst",
+            labels={"figure": "methods compared (table)"},
+        ),
+        png=report(
+            f"{RESULTS}/report/method_comparison.png",
+            category="Method comparison",
+            caption="../report/method_comparison.rst",
+            labels={"figure": "methods compared (figure)"},
+        ),
+    params:
+        methods=lambda wildcards: report_methods(),
+    log:
+        f"{RESULTS}/logs/report/method_comparison.log",
+    resources:
+        **rule_resources("plot", threads=1, mem_mb=2000, runtime=10),
+    threads: 1
+    conda:
+        MEDCLUST_ENV
+    shell:
+        "medclust method-comparison --clustering {input.clustering:q} --study {input.study:q}"
+        " --methods {params.methods:q} --out-csv {output.csv:q} --out-html {output.html:q}"
+        " --out-png {output.png:q} > {log:q} 2>&1"
+
+
 rule plot_examples:
     input:
         example_inputs,
