@@ -169,7 +169,7 @@ def test_methods_study_lists_the_whole_family_and_the_cpu_overlay_merges_key_by_
 
 def _dry_run_jobs(output: str) -> tuple[dict[str, int], list[str], list[str]]:
     """(job counts per rule, every pretrain_method's method, shell commands) of `snakemake -n -p`."""
-    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", output, re.M)}
+    counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", output, re.MULTILINE)}
     methods, rule = [], None
     for line in output.splitlines():
         head = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):$", line)
@@ -177,7 +177,7 @@ def _dry_run_jobs(output: str) -> tuple[dict[str, int], list[str], list[str]]:
             rule = head.group(1)
         elif rule == "pretrain_method" and line.startswith("    wildcards: method="):
             methods.append(line.split("=", 1)[1])
-    return counts, methods, re.findall(r"^Shell command: (.*)$", output, re.M)
+    return counts, methods, re.findall(r"^Shell command: (.*)$", output, re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def dry_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
             [exe, "-n", "-p", "--nolock", "--cores", "1", "--configfile", *files],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
             env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
+        )
         for name, files in configs.items()
     }
     done = {}

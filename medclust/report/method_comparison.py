@@ -39,17 +39,10 @@ from medclust.report.study_plots import SHORT_VERDICT
 from medclust.report.verdicts import _CELL, VERDICT_COLOURS, effect_text
 
 __all__ = [
-    "MISSING",
-    "MethodComparison",
-    "TaskCells",
-    "comparison_html",
-    "comparison_table",
-    "headline",
-    "load_comparison",
-    "plot_method_comparison",
-    "table_rows",
+    "MISSING", "MethodComparison", "TaskCells", "comparison_html", "comparison_table", "headline",
+    "interval_text", "load_comparison", "method_order", "plot_method_comparison", "table_rows",
     "write_method_comparison",
-]
+]  # fmt: skip
 
 MISSING = "—"
 """Cell text for a value that does not exist: a null score, a label a method did not report, a
