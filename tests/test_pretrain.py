@@ -82,7 +82,14 @@ def test_batches_are_deterministic_two_view_and_padded(stores: dict[str, Path]) 
 # epoch (20 of the 39 items) it re-clusters every step, and the loss still has to come down
 @pytest.mark.parametrize(
     "method, extra",
-    [("joint", {}), ("swav2d", {}), ("deepcluster2d", {"batch_size_2d": 20, "lr": 3e-3, "freeze_prototypes_steps": 0})],
+    [
+        ("joint", {}),
+        ("swav2d", {}),
+        ("deepcluster2d", {"batch_size_2d": 20, "lr": 3e-3, "freeze_prototypes_steps": 0}),
+        ("simclr", {}),
+        ("nnclr", {"nnclr": {"queue_length": 16, "predictor_hidden": 32}}),
+        ("joint-simclr", {}),
+    ],
 )
 def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: str, extra: dict) -> None:
     settings = resolve_settings(tiny_settings(steps=24, **extra))
@@ -95,8 +102,9 @@ def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: st
     if method == "joint":
         assert {"loss_intra", "loss_inter", "loss_mask"} <= rows[-1].keys()
         assert np.mean([r["loss_mask"] for r in rows[-6:]]) < np.mean([r["loss_mask"] for r in rows[:6]])
-    # below the uniform-prediction level ln(K): the prediction has learned something
-    assert min(r["loss_intra"] for r in rows[-6:]) < math.log(settings["k_2d"])
+    if method in ("joint", "swav2d", "deepcluster2d"):
+        # below the uniform-prediction level ln(K): the prediction has learned something
+        assert min(r["loss_intra"] for r in rows[-6:]) < math.log(settings["k_2d"])
 
 
 def test_staged_schedule_adds_3d_objectives_after_2d_warmup(stores: dict[str, Path], tmp_path: Path) -> None:
@@ -129,6 +137,7 @@ class _KillAt(PretrainTask):
         ("joint", 2, {"queue_length": 16, "queue_length_3d": 4}),
         ("joint", 2, {"num_workers": 2}),
         ("deepcluster2d", 4, {}),
+        ("nnclr", 3, {"nnclr": {"queue_length": 8, "predictor_hidden": 16}}),  # the support queue is state
     ],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted(stores: dict[str, Path], tmp_path: Path, method: str, kill_at: int, extra: dict) -> None:

@@ -3,6 +3,8 @@
 from medclust.losses.agreement3d import Agreement3DLoss, agreement3d_loss
 from medclust.losses.deepcluster import DeepClusterLoss, MemoryBank, deepcluster_loss, spherical_kmeans
 from medclust.losses.masked import MaskedEmbeddingLoss, masked_embedding_loss
+from medclust.losses.nnclr import NNCLRLoss, nearest_neighbours, nnclr_loss
+from medclust.losses.simclr import NTXentLoss, nt_xent_loss
 from medclust.losses.sinkhorn import Sinkhorn, is_distributed, sinkhorn
 from medclust.losses.swav import SwAVLoss, swapped_prediction_loss, swav_loss
 
@@ -11,12 +13,17 @@ __all__ = [
     "DeepClusterLoss",
     "MaskedEmbeddingLoss",
     "MemoryBank",
+    "NNCLRLoss",
+    "NTXentLoss",
     "Sinkhorn",
     "SwAVLoss",
     "agreement3d_loss",
     "deepcluster_loss",
     "is_distributed",
     "masked_embedding_loss",
+    "nearest_neighbours",
+    "nnclr_loss",
+    "nt_xent_loss",
     "sinkhorn",
     "spherical_kmeans",
     "swapped_prediction_loss",

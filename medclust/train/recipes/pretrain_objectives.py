@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from medclust.errors import MedclustError
-from medclust.losses import SwAVLoss
-from medclust.models import JointModel
+from medclust.losses import NNCLRLoss, NTXentLoss, SwAVLoss
+from medclust.models import JointModel, ProjectionHead
 
-__all__ = ["Objective2D", "SwAVObjective", "build_objective"]
+__all__ = ["NNCLRObjective", "Objective2D", "SimCLRObjective", "SwAVObjective", "build_objective", "split_views"]
 
 
 class Objective2D(nn.Module):
@@ -68,7 +68,41 @@ class SwAVObjective(Objective2D):
         return {"loss_intra": self.loss(scores[:n], scores[n:], z[:n], z[n:], jm.prototypes_2d)}
 
 
-_OBJECTIVES: dict[str, type[Objective2D]] = {"swav": SwAVObjective}
+class SimCLRObjective(Objective2D):
+    """SimCLR's NT-Xent between the two views' projections (``head_2d``, the projection head)."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        self.loss = NTXentLoss(self.s["simclr"]["temperature"])
+
+    def forward(self, jm: JointModel, emb: Tensor, n: int, images: Tensor | None = None) -> dict[str, Tensor]:
+        z = jm.project_2d(emb)
+        return {"loss_intra": self.loss(z[:n], z[n:])}
+
+
+class NNCLRObjective(Objective2D):
+    """NNCLR: the projection's nearest neighbour in a support queue is the positive of the other view's prediction.
+
+    The prediction head (``extra["predictor"]``, an MLP as in the paper) maps the projection
+    ``head_2d`` to the predictions; the queue holds view-1 projections (a buffer: checkpointed).
+    """
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        o = self.s["nnclr"]
+        self.loss = NNCLRLoss(o["temperature"], queue_length=o["queue_length"], feature_dim=self.s["proj_dim"])
+
+    def heads(self) -> dict[str, nn.Module]:
+        proj = self.s["proj_dim"]
+        return {"predictor": ProjectionHead(proj, self.s["nnclr"]["predictor_hidden"], proj, normalize=True)}
+
+    def forward(self, jm: JointModel, emb: Tensor, n: int, images: Tensor | None = None) -> dict[str, Tensor]:
+        z = jm.project_2d(emb)
+        p = jm.extra["predictor"](z)
+        return {"loss_intra": self.loss(z[:n], z[n:], p[:n], p[n:])}
+
+
+_OBJECTIVES: dict[str, type[Objective2D]] = {"swav": SwAVObjective, "simclr": SimCLRObjective, "nnclr": NNCLRObjective}
 
 
 def build_objective(name: str, settings: Mapping[str, Any]) -> Objective2D:
