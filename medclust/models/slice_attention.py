@@ -2,8 +2,9 @@
 
 Each query slice predicts, per head, P offsets in millimetres around its own z position and
 reads the value tokens there by linear interpolation between the two neighbouring *real*
-slices (positions may be non-uniform; padded slices are never read). Cost and memory are
-O(S * H * P); there is no S x S matrix anywhere, so whole CT volumes (hundreds of slices) fit.
+slices (positions may be non-uniform; padded slices are never read). Memory is O(S * H * P)
+and so is time, up to two sorts (the slices by z per forward, the sampled rows per backward);
+there is no S x S matrix anywhere, so whole CT volumes (thousands of slices) fit.
 
 This is the method's "inter-slice" attention as described in the paper; its public code ran
 the attention along the feature axis and only for 64-slice volumes.
@@ -18,16 +19,18 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from medclust.errors import MedclustError
 
 __all__ = [
-    "SliceAttention",
     "DeformableSliceAttention",
+    "SliceAttention",
     "SliceAttentionLayer",
     "SliceIndex",
     "build_slice_index",
     "interpolation_weights",
+    "weighted_rows",
     "z_position_encoding",
 ]
 
@@ -101,17 +104,16 @@ def interpolation_weights(
     # right=True: count of real slices at or before q, in [1, n_valid] after the clamp
     pos = torch.searchsorted(index.z_sorted, q.detach().contiguous(), right=True)
     n_last = (index.n_valid - 1).clamp_min(0)[:, None]
-    lo_s = (pos - 1).clamp_min(0)
-    hi_s = torch.minimum(pos, n_last)
-    lo_s = torch.minimum(lo_s, n_last)
-    z_lo = index.z_sorted.gather(1, lo_s)
-    z_hi = index.z_sorted.gather(1, hi_s)
-    zero = torch.zeros((), device=q.device)
-    z_lo = torch.where(torch.isfinite(z_lo), z_lo, zero)
-    z_hi = torch.where(torch.isfinite(z_hi), z_hi, zero)
-    denom = z_hi - z_lo
+    lo_s = (pos - 1).clamp_(min=0)
+    lo_s = torch.minimum(lo_s, n_last, out=lo_s)
+    hi_s = torch.minimum(pos, n_last, out=pos)
+    # padding sorts last as +inf; a (B, S) copy with 0 there saves masking the (B, M) gathers
+    # (only a row without any real slice reaches those entries)
+    z_fin = index.z_sorted.nan_to_num(posinf=0.0)
+    z_lo = z_fin.gather(1, lo_s)
+    denom = z_fin.gather(1, hi_s) - z_lo
     ok = denom > 0
-    w = torch.where(ok, (q - z_lo) / torch.where(ok, denom, torch.ones((), device=q.device)), zero)
+    w = torch.where(ok, (q - z_lo) / torch.where(ok, denom, 1.0), 0.0)
     lo = index.order.gather(1, lo_s)
     hi = index.order.gather(1, hi_s)
     return lo, hi, w
@@ -140,6 +142,62 @@ def z_position_encoding(z_rel: torch.Tensor, dim: int, base: float = 10000.0) ->
     return enc
 
 
+class _WeightedRows(torch.autograd.Function):
+    """``out[m] = sum_k coeff[m, k] * table[rows[m, k]]`` with a cheaper backward for the table.
+
+    The forward is ``F.embedding_bag`` (fused gather + weighted sum; the (M, K, C) samples are
+    never materialised). embedding_bag's own backward for the table takes ~20x its forward on
+    CPU; here the table's gradient is itself a bag sum, over the transposed index (which samples
+    read each table row: one argsort of ``rows``), about half the time. The weights' gradient is
+    embedding_bag's own per-sample-weights backward (a dot product per sample).
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table, rows, coeff)
+        return F.embedding_bag(rows, table, per_sample_weights=coeff, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        table, rows, coeff = ctx.saved_tensors
+        grad = grad.contiguous()
+        g_table = g_coeff = None
+        if ctx.needs_input_grad[0]:
+            flat = rows.reshape(-1)
+            perm = torch.argsort(flat)
+            # samples per table row; index_add_ rather than bincount: a static output shape,
+            # which torch.compile traces without a graph break
+            counts = torch.zeros(table.shape[0], dtype=torch.int64, device=rows.device)
+            counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+            g_table = F.embedding_bag(
+                torch.div(perm, rows.shape[1], rounding_mode="floor"),
+                grad,
+                counts.cumsum(0) - counts,
+                per_sample_weights=coeff.reshape(-1)[perm],
+                mode="sum",
+            )
+        if ctx.needs_input_grad[2]:
+            with torch.enable_grad():
+                weights = coeff.detach().requires_grad_(True)
+                out = F.embedding_bag(rows, table.detach(), per_sample_weights=weights, mode="sum")
+                (g_coeff,) = torch.autograd.grad(out, weights, grad)
+        return g_table, None, g_coeff
+
+
+def weighted_rows(table: torch.Tensor, rows: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """Weighted sums of table rows: ``out[m] = sum_k coeff[m, k] * table[rows[m, k]]``.
+
+    Args:
+        table: (N, C) float.
+        rows: (M, K) int32 or int64 row indices into ``table``.
+        coeff: (M, K) weights, same dtype as ``table``.
+
+    Returns:
+        (M, C); differentiable with respect to ``table`` and ``coeff``.
+    """
+    return _WeightedRows.apply(table, rows, coeff)
+
+
 class DeformableSliceAttention(nn.Module):
     """One multi-head deformable attention over the slice axis.
 
@@ -155,8 +213,12 @@ class DeformableSliceAttention(nn.Module):
         max_offset_mm: bound on |offset|.
         init_span_mm: initial offsets spread head h's points evenly over
             ``+-init_span_mm * (h + 1) / H`` so heads start at different ranges.
-        impl: ``"bag"`` (fused gather+weighted sum with ``F.embedding_bag``, never materialises
+        impl: ``"bag"`` (fused gather+weighted sum, :func:`weighted_rows`: never materialises
             the (B, S, H, 2P, D/H) samples) or ``"gather"`` (plain indexing; reference).
+        recompute: when training, recompute the value projection and the sampled values in
+            backward instead of keeping them (two (B, S, D) activations per layer less, for the
+            forward of the value and output projections and of the sampling once more; outputs
+            and gradients are the same).
     """
 
     def __init__(
@@ -167,6 +229,7 @@ class DeformableSliceAttention(nn.Module):
         max_offset_mm: float = 100.0,
         init_span_mm: float = 20.0,
         impl: str = "bag",
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         if d_model % heads:
@@ -179,6 +242,7 @@ class DeformableSliceAttention(nn.Module):
         self.head_dim = d_model // heads
         self.max_offset_mm = float(max_offset_mm)
         self.impl = impl
+        self.recompute = bool(recompute)
         self.offset_proj = nn.Linear(d_model, heads * points)
         self.weight_proj = nn.Linear(d_model, heads * points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -211,10 +275,24 @@ class DeformableSliceAttention(nn.Module):
             offsets (B, S, H, P) float32 mm, weights (B, S, H, P) float32 summing to 1 over P.
         """
         b, s, _ = query.shape
-        raw = self.offset_proj(query).float().view(b, s, self.heads, self.points)
+        # one GEMM for both small projections of the same tokens (a 2*H*P-wide output uses the
+        # matrix unit poorly; two of them pay that twice, forward and backward)
+        weight = torch.cat([self.offset_proj.weight, self.weight_proj.weight])
+        bias = torch.cat([self.offset_proj.bias, self.weight_proj.bias])
+        raw, logits = F.linear(query, weight, bias).float().view(b, s, 2, self.heads, self.points).unbind(2)
         offsets = self.max_offset_mm * torch.tanh(raw / self.max_offset_mm)
-        logits = self.weight_proj(query).float().view(b, s, self.heads, self.points)
         return offsets, logits.softmax(dim=-1)
+
+    def _sample(self, query: torch.Tensor, rows: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        """Value projection, weighted sampling of the value rows, output projection."""
+        b, s, d = query.shape
+        table = self.value_proj(query).reshape(b * s * self.heads, self.head_dim)
+        coeff = coeff.to(table.dtype)
+        if self.impl == "bag":
+            out = weighted_rows(table, rows, coeff)
+        else:
+            out = (table[rows.reshape(-1)].view(*rows.shape, self.head_dim) * coeff[..., None]).sum(1)
+        return self.out_proj(out.view(b, s, d))
 
     def forward(self, query: torch.Tensor, index: SliceIndex) -> torch.Tensor:
         """Attend across slices.
@@ -226,28 +304,24 @@ class DeformableSliceAttention(nn.Module):
         Returns:
             (B, S, D).
         """
-        b, s, d = query.shape
-        h, p, dh = self.heads, self.points, self.head_dim
+        b, s, _ = query.shape
+        h, p = self.heads, self.points
         offsets, attn = self.offsets_and_weights(query)
         positions = index.z_rel[:, :, None, None] + offsets  # (B,S,H,P) float32
         lo, hi, w = interpolation_weights(index, positions.reshape(b, s * h * p))
         lo, hi, w = lo.view(b, s, h, p), hi.view(b, s, h, p), w.view(b, s, h, p)
-        value = self.value_proj(query)
         # rows of the flattened (B*S*H, Dh) value table: ((b * S + slice) * H + head)
         base = (torch.arange(b, device=query.device) * s)[:, None, None, None]
         head = torch.arange(h, device=query.device)[None, None, :, None]
-        rows = torch.cat([(base + lo) * h + head, (base + hi) * h + head], dim=-1)  # (B,S,H,2P)
-        coeff = torch.cat([attn * (1.0 - w), attn * w], dim=-1).to(value.dtype)
-        table = value.reshape(b * s * h, dh)
-        if self.impl == "bag":
-            if table.shape[0] < 2**31:
-                rows = rows.to(torch.int32)  # kept for backward: half the bytes of int64
-            out = F.embedding_bag(
-                rows.reshape(b * s * h, 2 * p), table, per_sample_weights=coeff.reshape(b * s * h, 2 * p), mode="sum"
-            )
-        else:
-            out = (table[rows.reshape(-1)].view(b * s * h, 2 * p, dh) * coeff.reshape(b * s * h, 2 * p, 1)).sum(1)
-        return self.out_proj(out.view(b, s, d))
+        rows = torch.cat([(base + lo) * h + head, (base + hi) * h + head], dim=-1).view(b * s * h, 2 * p)
+        if b * s * h < 2**31:
+            rows = rows.to(torch.int32)  # kept for backward: half the bytes of int64
+        coeff = torch.cat([attn * (1.0 - w), attn * w], dim=-1).view(b * s * h, 2 * p)
+        if self.recompute and torch.is_grad_enabled():
+            # the values and the sampled values are recomputed in backward instead of kept:
+            # 2 of the ~7 (B, S, D) activations a layer would otherwise hold for it
+            return checkpoint(self._sample, query, rows, coeff, use_reentrant=False)
+        return self._sample(query, rows, coeff)
 
 
 class SliceAttentionLayer(nn.Module):
@@ -262,6 +336,7 @@ class SliceAttentionLayer(nn.Module):
         max_offset_mm: bound on sampling offsets.
         init_span_mm: initial spread of the sampling offsets.
         impl: see :class:`DeformableSliceAttention`.
+        recompute: see :class:`DeformableSliceAttention`.
     """
 
     def __init__(
@@ -274,10 +349,11 @@ class SliceAttentionLayer(nn.Module):
         max_offset_mm: float = 100.0,
         init_span_mm: float = 20.0,
         impl: str = "bag",
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = DeformableSliceAttention(d_model, heads, points, max_offset_mm, init_span_mm, impl)
+        self.attn = DeformableSliceAttention(d_model, heads, points, max_offset_mm, init_span_mm, impl, recompute)
         self.drop = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = MLPBlock(d_model, ffn_mult * d_model, dropout_rate=dropout, act="GELU")
@@ -311,6 +387,8 @@ class SliceAttention(nn.Module):
             dominates its volume embedding, and two views with unrelated content but similar
             geometry would already match; small at first, position is what the model learns to use.
         impl: ``"bag"`` (default, fused) or ``"gather"`` (reference) sampling.
+        recompute: recompute each layer's values in backward instead of keeping them
+            (see :class:`DeformableSliceAttention`).
 
     Example:
         >>> att = SliceAttention(128, heads=4, points=4, layers=2)
@@ -332,6 +410,7 @@ class SliceAttention(nn.Module):
         pos_base: float = 10000.0,
         pos_scale: float = 0.05,
         impl: str = "bag",
+        recompute: bool = True,
     ) -> None:
         super().__init__()
         self.d_model = int(d_model)
@@ -339,7 +418,7 @@ class SliceAttention(nn.Module):
         self.token_norm = nn.LayerNorm(d_model)
         self.pos_scale = nn.Parameter(torch.tensor(float(pos_scale)))
         self.layers = nn.ModuleList(
-            SliceAttentionLayer(d_model, heads, points, ffn_mult, dropout, max_offset_mm, init_span_mm, impl)
+            SliceAttentionLayer(d_model, heads, points, ffn_mult, dropout, max_offset_mm, init_span_mm, impl, recompute)
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(d_model)
