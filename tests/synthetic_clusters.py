@@ -28,7 +28,8 @@ from torch import nn
 from medclust.evaluate.clustering import kmeans_labels, normalized_mutual_info
 
 INFORMATIVE = 2  # dimensions that carry the cluster identity (the first ones)
-NUISANCE_STD = 1.5  # spread of each other dimension (cluster centres are 3 apart): 14 such dims swamp the 2 informative ones
+# spread of each other dimension (cluster centres are 3 apart): 14 such dims swamp the 2 informative ones
+NUISANCE_STD = 1.5
 
 
 def make_clusters(

@@ -99,7 +99,12 @@ def test_cluster_term_by_hand():
     assert cluster_assignment_loss(logits, 0.1, 0.2).item() == pytest.approx(0.1 * kl + 0.2 * balance, rel=1e-5)
     # in lnscc_loss the term is added on both views' logits
     g = torch.Generator().manual_seed(0)
-    z1, z2, l1, l2 = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 2), torch.randn(5, 2)
+    z1, z2, l1, l2 = (
+        torch.randn(5, 3, generator=g),
+        torch.randn(5, 3, generator=g),
+        torch.randn(5, 2),
+        torch.randn(5, 2),
+    )
     torch.testing.assert_close(
         lnscc_loss(z1, z2, l1, l2, k=2), lnscc_loss(z1, z2, k=2) + cluster_assignment_loss(torch.cat([l1, l2]))
     )

@@ -87,9 +87,7 @@ def nnclr_loss(
         raise MedclustError(f"nnclr_loss: temperature must be positive, got {temperature}")
     shapes = {tuple(t.shape) for t in (z1, z2, p1, p2)}
     if len(shapes) != 1 or z1.ndim != 2:
-        raise MedclustError(
-            f"nnclr_loss: z1, z2, p1, p2 must all be (B, F) of one shape, got {sorted(shapes)}"
-        )
+        raise MedclustError(f"nnclr_loss: z1, z2, p1, p2 must all be (B, F) of one shape, got {sorted(shapes)}")
     if z1.shape[0] < 2:
         raise MedclustError(f"nnclr_loss: needs >= 2 items for negatives, got a batch of {z1.shape[0]}")
     with torch.autocast(device_type=z1.device.type, enabled=False):
@@ -157,7 +155,9 @@ class NNCLRLoss(nn.Module):
     def enqueue_(self, z: torch.Tensor) -> None:
         """Add a batch of projections (normalised, detached), overwriting the oldest ones."""
         if z.ndim != 2 or z.shape[1] != self.feature_dim:
-            raise MedclustError(f"NNCLRLoss.enqueue_: expected (B, {self.feature_dim}) projections, got {tuple(z.shape)}")
+            raise MedclustError(
+                f"NNCLRLoss.enqueue_: expected (B, {self.feature_dim}) projections, got {tuple(z.shape)}"
+            )
         z = F.normalize(z.detach().float(), dim=1)[-self.queue_length :].to(self.queue.device)
         rows = (int(self.queue_ptr) + torch.arange(z.shape[0], device=z.device)) % self.queue_length
         self.queue[rows] = z
