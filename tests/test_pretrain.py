@@ -89,6 +89,10 @@ def test_batches_are_deterministic_two_view_and_padded(stores: dict[str, Path]) 
         ("simclr", {}),
         ("nnclr", {"nnclr": {"queue_length": 16, "predictor_hidden": 32}}),
         ("joint-simclr", {}),
+        ("depict", {}),
+        ("joint-depict", {}),
+        ("lnscc", {}),
+        ("joint-lnscc", {}),
     ],
 )
 def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: str, extra: dict) -> None:
@@ -97,7 +101,9 @@ def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: st
     trainer.fit(PretrainTask(method, settings, collect_cases(stores)))
     rows = trainer.history
     assert len(rows) == 24
-    loss = [r["loss"] for r in rows]
+    # DEPICT's KL term is self-training toward a target that sharpens with the prediction, so its
+    # total need not fall in 24 steps; its reconstruction must
+    loss = [r["loss_recon" if "depict" in method else "loss"] for r in rows]
     assert np.mean(loss[-6:]) < np.mean(loss[:6]), loss
     if method == "joint":
         assert {"loss_intra", "loss_inter", "loss_mask"} <= rows[-1].keys()
@@ -138,6 +144,7 @@ class _KillAt(PretrainTask):
         ("joint", 2, {"num_workers": 2}),
         ("deepcluster2d", 4, {}),
         ("nnclr", 3, {"nnclr": {"queue_length": 8, "predictor_hidden": 16}}),  # the support queue is state
+        ("depict", 3, {"depict": {"target_update": 2}}),  # the held cluster frequencies are state
     ],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted(stores: dict[str, Path], tmp_path: Path, method: str, kill_at: int, extra: dict) -> None:

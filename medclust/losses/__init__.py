@@ -2,6 +2,8 @@
 
 from medclust.losses.agreement3d import Agreement3DLoss, agreement3d_loss
 from medclust.losses.deepcluster import DeepClusterLoss, MemoryBank, deepcluster_loss, spherical_kmeans
+from medclust.losses.depict import DEPICTLoss, depict_loss, depict_target
+from medclust.losses.lnscc import LNSCCLoss, lnscc_loss
 from medclust.losses.masked import MaskedEmbeddingLoss, masked_embedding_loss
 from medclust.losses.nnclr import NNCLRLoss, nearest_neighbours, nnclr_loss
 from medclust.losses.simclr import NTXentLoss, nt_xent_loss
@@ -10,7 +12,9 @@ from medclust.losses.swav import SwAVLoss, swapped_prediction_loss, swav_loss
 
 __all__ = [
     "Agreement3DLoss",
+    "DEPICTLoss",
     "DeepClusterLoss",
+    "LNSCCLoss",
     "MaskedEmbeddingLoss",
     "MemoryBank",
     "NNCLRLoss",
@@ -19,7 +23,10 @@ __all__ = [
     "SwAVLoss",
     "agreement3d_loss",
     "deepcluster_loss",
+    "depict_loss",
+    "depict_target",
     "is_distributed",
+    "lnscc_loss",
     "masked_embedding_loss",
     "nearest_neighbours",
     "nnclr_loss",

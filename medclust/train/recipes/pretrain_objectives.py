@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from medclust.errors import MedclustError
-from medclust.losses import NNCLRLoss, NTXentLoss, SwAVLoss
+from medclust.losses import DEPICTLoss, LNSCCLoss, NNCLRLoss, NTXentLoss, SwAVLoss
 from medclust.models import JointModel, ProjectionHead
+from medclust.models.decoder import ConvDecoder
 
-__all__ = ["NNCLRObjective", "Objective2D", "SimCLRObjective", "SwAVObjective", "build_objective", "split_views"]
+__all__ = ["DEPICTObjective", "LNSCCObjective", "NNCLRObjective", "Objective2D", "SimCLRObjective", "SwAVObjective", "build_objective", "split_views"]
 
 
 class Objective2D(nn.Module):
@@ -102,7 +103,62 @@ class NNCLRObjective(Objective2D):
         return {"loss_intra": self.loss(z[:n], z[n:], p[:n], p[n:])}
 
 
-_OBJECTIVES: dict[str, type[Objective2D]] = {"swav": SwAVObjective, "simclr": SimCLRObjective, "nnclr": NNCLRObjective}
+class DEPICTObjective(Objective2D):
+    """DEPICT: each view's softmax clustering head is trained toward the other view's target, plus reconstruction.
+
+    The clustering head is the 2D prototypes (cosine scores / ``temperature``); a view is the
+    noisy pathway of the other (its clean pathway; :class:`~medclust.losses.DEPICTLoss`), both
+    directions in one call, so the cluster frequencies come from the whole two-view batch. The
+    decoder (``extra["decoder"]``, pretraining only: the encoder is what is exported)
+    reconstructs each 2D item's view from its slice embedding.
+    """
+
+    needs_images = True
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        o = self.s["depict"]
+        self.loss = DEPICTLoss(o["recon_weight"], o["target_update"], o["target_power"], num_clusters=self.s["k_2d"])
+
+    def heads(self) -> dict[str, nn.Module]:
+        return {"decoder": ConvDecoder(self.s["d_model"], tuple(self.s["view_size"]))}
+
+    def forward(self, jm: JointModel, emb: Tensor, n: int, images: Tensor | None = None) -> dict[str, Tensor]:
+        assert images is not None  # needs_images
+        logits = jm.prototypes_2d(jm.project_2d(emb)) / self.s["temperature"]
+        swapped = torch.cat([logits[n:], logits[:n]])
+        m = images.shape[0] // 2
+        recon = jm.extra["decoder"](torch.cat(split_views(emb, n, m)))
+        loss = self.loss(logits, swapped, recon, images)
+        terms = self.loss.last_terms
+        return {"loss_intra": loss, "loss_kl": terms["kl"], "loss_recon": terms["recon"]}
+
+
+class LNSCCObjective(Objective2D):
+    """LNSCC: soft contrastive loss over a locally normalised kNN graph of the batch, plus its cluster terms.
+
+    Embeddings are the projections ``head_2d``; the cluster logits are the 2D prototype scores
+    / ``temperature`` (the clustering head), weighted by ``cluster_weight`` and ``balance_weight``.
+    """
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        o = self.s["lnscc"]
+        self.loss = LNSCCLoss(o["k"], o["min_dist"], o["negative_rate"], o["negative_force"], o["cluster_weight"], o["balance_weight"])
+
+    def forward(self, jm: JointModel, emb: Tensor, n: int, images: Tensor | None = None) -> dict[str, Tensor]:
+        z = jm.project_2d(emb)
+        logits = jm.prototypes_2d(z) / self.s["temperature"]
+        return {"loss_intra": self.loss(z[:n], z[n:], logits[:n], logits[n:])}
+
+
+_OBJECTIVES: dict[str, type[Objective2D]] = {
+    "swav": SwAVObjective,
+    "simclr": SimCLRObjective,
+    "nnclr": NNCLRObjective,
+    "depict": DEPICTObjective,
+    "lnscc": LNSCCObjective,
+}
 
 
 def build_objective(name: str, settings: Mapping[str, Any]) -> Objective2D:
