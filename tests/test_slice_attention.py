@@ -119,7 +119,8 @@ def _outputs_and_grads(m, tokens, z, valid):
 @pytest.mark.parametrize("s", [12, 400])
 def test_bag_and_gather_agree_outputs_and_gradients(s):
     """The fused sampling (own backward, values recomputed) against plain indexing + autograd."""
-    a, b = _model(impl="bag").train(), _model(impl="gather", recompute=False).train()
+    a = _model(impl="bag", recompute_min_tokens=0).train()
+    b = _model(impl="gather", recompute_min_tokens=None).train()
     tokens, z, valid = _volume(s, b=2, spacing=0.7)
     valid[1, s * 3 // 4 :] = False
     valid[0, torch.randperm(s, generator=torch.Generator().manual_seed(5))[: s // 5]] = False
@@ -153,7 +154,8 @@ def test_recompute_keeps_less_for_backward_with_same_result():
     weights = torch.linspace(-1.0, 1.0, tokens.numel()).view_as(tokens)
     saved, results = {}, {}
     for recompute in (True, False):
-        m = _model(recompute=recompute).train()
+        # 2 x 64 = 128 tokens: recomputed from 128 tokens on, not from 129 on
+        m = _model(recompute_min_tokens=128 if recompute else 129).train()
         storages: dict[int, int] = {}
 
         def pack(t, storages=storages):

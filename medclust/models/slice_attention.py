@@ -149,7 +149,7 @@ class _WeightedRows(torch.autograd.Function):
     never materialised). embedding_bag's own backward for the table takes ~20x its forward on
     CPU; here the table's gradient is itself a bag sum, over the transposed index (which samples
     read each table row: one argsort of ``rows``), about half the time. The weights' gradient is
-    embedding_bag's own per-sample-weights backward (a dot product per sample).
+    a dot product per sample. Only traceable tensor ops, so torch.compile can trace it whole.
     """
 
     @staticmethod
@@ -177,10 +177,12 @@ class _WeightedRows(torch.autograd.Function):
                 mode="sum",
             )
         if ctx.needs_input_grad[2]:
-            with torch.enable_grad():
-                weights = coeff.detach().requires_grad_(True)
-                out = F.embedding_bag(rows, table.detach(), per_sample_weights=weights, mode="sum")
-                (g_coeff,) = torch.autograd.grad(out, weights, grad)
+            # one dot product per sample, in chunks of ~1M values so the gathered rows stay small
+            g_coeff = torch.empty_like(coeff)
+            chunk = max(1, (1 << 20) // (rows.shape[1] * table.shape[1]))
+            for i in range(0, rows.shape[0], chunk):
+                samples = F.embedding(rows[i : i + chunk], table)  # (c, K, C)
+                torch.bmm(samples, grad[i : i + chunk, :, None], out=g_coeff[i : i + chunk, :, None])
         return g_table, None, g_coeff
 
 
@@ -215,10 +217,12 @@ class DeformableSliceAttention(nn.Module):
             ``+-init_span_mm * (h + 1) / H`` so heads start at different ranges.
         impl: ``"bag"`` (fused gather+weighted sum, :func:`weighted_rows`: never materialises
             the (B, S, H, 2P, D/H) samples) or ``"gather"`` (plain indexing; reference).
-        recompute: when training, recompute the value projection and the sampled values in
-            backward instead of keeping them (two (B, S, D) activations per layer less, for the
-            forward of the value and output projections and of the sampling once more; outputs
-            and gradients are the same).
+        recompute_min_tokens: when training on at least this many tokens (B * S), recompute the
+            value projection and the sampled values in backward instead of keeping them: two
+            (B, S, D) activations per layer less, for the forward of the value and output
+            projections and of the sampling once more; outputs and gradients are the same.
+            Below it (short views) the memory saved is small and the extra work is not; None:
+            never recompute, 0: always.
     """
 
     def __init__(
@@ -229,7 +233,7 @@ class DeformableSliceAttention(nn.Module):
         max_offset_mm: float = 100.0,
         init_span_mm: float = 20.0,
         impl: str = "bag",
-        recompute: bool = True,
+        recompute_min_tokens: int | None = 1024,
     ) -> None:
         super().__init__()
         if d_model % heads:
@@ -242,7 +246,7 @@ class DeformableSliceAttention(nn.Module):
         self.head_dim = d_model // heads
         self.max_offset_mm = float(max_offset_mm)
         self.impl = impl
-        self.recompute = bool(recompute)
+        self.recompute_min_tokens = recompute_min_tokens
         self.offset_proj = nn.Linear(d_model, heads * points)
         self.weight_proj = nn.Linear(d_model, heads * points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -317,7 +321,7 @@ class DeformableSliceAttention(nn.Module):
         if b * s * h < 2**31:
             rows = rows.to(torch.int32)  # kept for backward: half the bytes of int64
         coeff = torch.cat([attn * (1.0 - w), attn * w], dim=-1).view(b * s * h, 2 * p)
-        if self.recompute and torch.is_grad_enabled():
+        if self.recompute_min_tokens is not None and b * s >= self.recompute_min_tokens and torch.is_grad_enabled():
             # the values and the sampled values are recomputed in backward instead of kept:
             # 2 of the ~7 (B, S, D) activations a layer would otherwise hold for it
             return checkpoint(self._sample, query, rows, coeff, use_reentrant=False)
@@ -336,7 +340,7 @@ class SliceAttentionLayer(nn.Module):
         max_offset_mm: bound on sampling offsets.
         init_span_mm: initial spread of the sampling offsets.
         impl: see :class:`DeformableSliceAttention`.
-        recompute: see :class:`DeformableSliceAttention`.
+        recompute_min_tokens: see :class:`DeformableSliceAttention`.
     """
 
     def __init__(
@@ -349,11 +353,11 @@ class SliceAttentionLayer(nn.Module):
         max_offset_mm: float = 100.0,
         init_span_mm: float = 20.0,
         impl: str = "bag",
-        recompute: bool = True,
+        recompute_min_tokens: int | None = 1024,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = DeformableSliceAttention(d_model, heads, points, max_offset_mm, init_span_mm, impl, recompute)
+        self.attn = DeformableSliceAttention(d_model, heads, points, max_offset_mm, init_span_mm, impl, recompute_min_tokens)
         self.drop = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = MLPBlock(d_model, ffn_mult * d_model, dropout_rate=dropout, act="GELU")
@@ -387,8 +391,8 @@ class SliceAttention(nn.Module):
             dominates its volume embedding, and two views with unrelated content but similar
             geometry would already match; small at first, position is what the model learns to use.
         impl: ``"bag"`` (default, fused) or ``"gather"`` (reference) sampling.
-        recompute: recompute each layer's values in backward instead of keeping them
-            (see :class:`DeformableSliceAttention`).
+        recompute_min_tokens: from this many tokens (B * S) on, each layer recomputes its
+            values in backward instead of keeping them (see :class:`DeformableSliceAttention`).
 
     Example:
         >>> att = SliceAttention(128, heads=4, points=4, layers=2)
@@ -410,7 +414,7 @@ class SliceAttention(nn.Module):
         pos_base: float = 10000.0,
         pos_scale: float = 0.05,
         impl: str = "bag",
-        recompute: bool = True,
+        recompute_min_tokens: int | None = 1024,
     ) -> None:
         super().__init__()
         self.d_model = int(d_model)
@@ -418,7 +422,9 @@ class SliceAttention(nn.Module):
         self.token_norm = nn.LayerNorm(d_model)
         self.pos_scale = nn.Parameter(torch.tensor(float(pos_scale)))
         self.layers = nn.ModuleList(
-            SliceAttentionLayer(d_model, heads, points, ffn_mult, dropout, max_offset_mm, init_span_mm, impl, recompute)
+            SliceAttentionLayer(
+                d_model, heads, points, ffn_mult, dropout, max_offset_mm, init_span_mm, impl, recompute_min_tokens
+            )
             for _ in range(layers)
         )
         self.norm = nn.LayerNorm(d_model)
