@@ -6,6 +6,7 @@ Used only during pretraining: the encoder half is what gets exported, the decode
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from monai.networks.blocks import Convolution
@@ -73,7 +74,7 @@ class ConvDecoder(nn.Module):
         self.up = nn.Sequential(
             *(
                 Convolution(2, c_in, c_out, strides=2, kernel_size=3, is_transposed=True, act=_ACT, norm=norm)
-                for c_in, c_out in zip(channels[:-1], channels[1:])
+                for c_in, c_out in pairwise(channels)
             )
         )
         self.head = Convolution(2, channels[-1], self.out_channels, kernel_size=3, conv_only=True)
