@@ -93,6 +93,8 @@ def test_batches_are_deterministic_two_view_and_padded(stores: dict[str, Path]) 
         ("joint-depict", {}),
         ("lnscc", {}),
         ("joint-lnscc", {}),
+        ("gedi", {"gedi": {"sgld_steps": 2, "buffer_size": 16}}),
+        ("joint-gedi", {"gedi": {"sgld_steps": 2, "buffer_size": 16}}),
     ],
 )
 def test_objectives_decrease(stores: dict[str, Path], tmp_path: Path, method: str, extra: dict) -> None:
@@ -145,6 +147,7 @@ class _KillAt(PretrainTask):
         ("deepcluster2d", 4, {}),
         ("nnclr", 3, {"nnclr": {"queue_length": 8, "predictor_hidden": 16}}),  # the support queue is state
         ("depict", 3, {"depict": {"target_update": 2}}),  # the held cluster frequencies are state
+        ("gedi", 3, {"gedi": {"sgld_steps": 2, "buffer_size": 16}}),  # the SGLD replay buffer is state
     ],
 )
 def test_interrupted_and_resumed_run_equals_uninterrupted(stores: dict[str, Path], tmp_path: Path, method: str, kill_at: int, extra: dict) -> None:

@@ -228,8 +228,10 @@ class GEDILoss(nn.Module):
     Each call: SGLD negatives start from a replay buffer (or fresh uniform noise over the range of
     this batch's images) and run ``sgld_steps`` steps on ``energy_fn``; the loss is
     ``gedi_discriminative_loss(logits1, logits2) + gen_weight * energy_loss(E(images), E(negatives))``.
-    The buffer is per process and not checkpointed (a resumed run restarts its chains from noise);
-    it is reset when the image shape changes.
+    The buffer is per process. Given ``sample_shape`` it is a registered buffer (sized up front,
+    filled with noise at the first call), so a checkpoint carries the chains and a resumed run
+    continues them; without it the buffer is created at the first call, is not checkpointed and
+    is reset when the image shape changes.
 
     Args:
         beta: invariance weight of the discriminative terms (see :func:`gedi_discriminative_loss`).
@@ -241,6 +243,7 @@ class GEDILoss(nn.Module):
         reinit_prob: probability that a chain drawn from the buffer restarts from noise.
         energy_reg: see :func:`energy_loss`.
         symmetric: see :func:`gedi_discriminative_loss`.
+        sample_shape: shape of one image (e.g. ``(1, 64, 64)``): checkpoint the replay buffer.
 
     Attributes:
         last_terms: detached terms of the latest call (``invariance``, ``prior``,
@@ -263,6 +266,7 @@ class GEDILoss(nn.Module):
         reinit_prob: float = 0.05,
         energy_reg: float = 0.1,
         symmetric: bool = True,
+        sample_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if beta < 0 or gen_weight < 0 or energy_reg < 0:
@@ -282,7 +286,10 @@ class GEDILoss(nn.Module):
         self.reinit_prob = float(reinit_prob)
         self.energy_reg = float(energy_reg)
         self.symmetric = bool(symmetric)
-        self.buffer: torch.Tensor | None = None  # plain attribute: not in state_dict
+        checkpointed = sample_shape is not None and self.buffer_size > 0
+        # registered (checkpointed) when sample_shape fixes its size, else a plain attribute made at the first call
+        self.register_buffer("buffer", torch.zeros(self.buffer_size, *sample_shape) if checkpointed else None)
+        self.register_buffer("buffer_filled", torch.zeros((), dtype=torch.bool) if checkpointed else None)
         self.last_terms: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -305,7 +312,13 @@ class GEDILoss(nn.Module):
         n = images.shape[0]
         if self.buffer_size == 0:
             return self._noise_like(images, n), None
-        if (
+        if self.buffer_filled is not None:  # a registered buffer: shape fixed, filled once
+            if self.buffer.shape[1:] != images.shape[1:]:
+                raise MedclustError(f"GEDILoss: images {tuple(images.shape[1:])} do not match sample_shape {tuple(self.buffer.shape[1:])}")
+            if not bool(self.buffer_filled):
+                self.buffer.copy_(self._noise_like(images, self.buffer_size).to(self.buffer))
+                self.buffer_filled.fill_(True)
+        elif (
             self.buffer is None
             or self.buffer.shape[1:] != images.shape[1:]
             or self.buffer.device != images.device

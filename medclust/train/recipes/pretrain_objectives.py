@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from medclust.errors import MedclustError
-from medclust.losses import DEPICTLoss, LNSCCLoss, NNCLRLoss, NTXentLoss, SwAVLoss
+from medclust.losses import DEPICTLoss, GEDILoss, LNSCCLoss, NNCLRLoss, NTXentLoss, SwAVLoss, cluster_energy
 from medclust.models import JointModel, ProjectionHead
 from medclust.models.decoder import ConvDecoder
 
-__all__ = ["DEPICTObjective", "LNSCCObjective", "NNCLRObjective", "Objective2D", "SimCLRObjective", "SwAVObjective", "build_objective", "split_views"]
+__all__ = ["DEPICTObjective", "GEDIObjective", "LNSCCObjective", "NNCLRObjective", "Objective2D", "SimCLRObjective", "SwAVObjective", "build_objective", "split_views"]
 
 
 class Objective2D(nn.Module):
@@ -152,12 +152,58 @@ class LNSCCObjective(Objective2D):
         return {"loss_intra": self.loss(z[:n], z[n:], logits[:n], logits[n:])}
 
 
+class GEDIObjective(Objective2D):
+    """GEDI: the discriminative cluster terms on the two views plus the energy-based model of the images.
+
+    Cluster logits are the 2D prototype scores / ``temperature`` (GEDI's projector output at
+    temperature 0.1); the energy ``-logsumexp`` of the logits is trained by contrastive divergence
+    against SGLD samples started from a replay buffer (a buffer of the objective: checkpointed).
+    The chains run with the encoder in eval mode, so the samples do not move its BatchNorm
+    statistics; the energies of real images and samples are then taken as in training (JEM).
+    """
+
+    needs_images = True
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        super().__init__(settings)
+        o = self.s["gedi"]
+        self.loss = GEDILoss(
+            o["beta"], o["gen_weight"], o["sgld_steps"], o["sgld_step_size"], o["sgld_noise"], o["buffer_size"], o["reinit_prob"],
+            o["energy_reg"], sample_shape=(1, *self.s["view_size"]),
+        )
+
+    def forward(self, jm: JointModel, emb: Tensor, n: int, images: Tensor | None = None) -> dict[str, Tensor]:
+        assert images is not None  # needs_images
+        t = self.s["temperature"]
+        logits = jm.prototypes_2d(jm.project_2d(emb)) / t
+
+        def energy(x: Tensor) -> Tensor:
+            return cluster_energy(jm.prototypes_2d(jm.project_2d(jm.embed_slices(x))) / t)
+
+        def sample_energy(x: Tensor) -> Tensor:
+            was_training = jm.encoder.training
+            jm.encoder.eval()
+            try:
+                return energy(x)
+            finally:
+                jm.encoder.train(was_training)
+
+        m = images.shape[0] // 2
+        loss = self.loss(logits[:n], logits[n:], images[:m], energy, sample_energy)
+        terms = self.loss.last_terms
+        out = {"loss_intra": loss, "loss_discriminative": terms["discriminative"]}
+        if "generative" in terms:
+            out["loss_energy"] = terms["generative"]
+        return out
+
+
 _OBJECTIVES: dict[str, type[Objective2D]] = {
     "swav": SwAVObjective,
     "simclr": SimCLRObjective,
     "nnclr": NNCLRObjective,
     "depict": DEPICTObjective,
     "lnscc": LNSCCObjective,
+    "gedi": GEDIObjective,
 }
 
 
