@@ -126,11 +126,11 @@ def test_bag_and_gather_agree_outputs_and_gradients(s):
     valid[0, torch.randperm(s, generator=torch.Generator().manual_seed(5))[: s // 5]] = False
     out_a, gt_a, gp_a = _outputs_and_grads(a, tokens, z, valid)
     out_b, gt_b, gp_b = _outputs_and_grads(b, tokens, z, valid)
-    # float32 sums in another order; the final LayerNorm scales the differences up a little
+    # float32 sums in another order: differences of ~1e-5 of each tensor's scale
     torch.testing.assert_close(out_a, out_b, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(gt_a, gt_b, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(gt_a, gt_b, atol=1e-4 * float(gt_b.abs().max()), rtol=1e-3)
     for name, g in gp_b.items():
-        torch.testing.assert_close(gp_a[name], g, atol=1e-4, rtol=1e-3, msg=name)
+        torch.testing.assert_close(gp_a[name], g, atol=1e-4 * float(g.abs().max()), rtol=1e-3, msg=name)
     assert torch.count_nonzero(gt_a[~valid]) == 0
 
 
