@@ -36,7 +36,7 @@ The last line is machine-readable::
 
 Run from the repository root::
 
-    python benchmarks/loader.py [--batches 4] [--workers 0 1 2] [--step-rate STEPS_PER_S]
+    python benchmarks/loader.py [--batches 4] [--workers 0 1 2] [--step-rate STEPS_PER_S] [--fresh]
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ def build_demo_stores(root: Path) -> list[Path]:
             raise SystemExit(f"loader benchmark: {settings['path']} not found; run `medclust fetch-demo` first")
         prep = dict(config["preprocess"], **entry.get("preprocess", {}))
         cases = [c for c in discover(settings) if c.error is None]
+        assume = entry.get("assume_pixel_spacing")  # as ingest applies it (the demo radiograph's header has none)
+        for case in cases:
+            if assume is not None:
+                case.assume_spacing = (float(assume[0]), float(assume[1]))
         folder = root / name
         folder.mkdir(parents=True)
         for case in cases:
@@ -113,6 +117,7 @@ def _items(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stores", nargs="*", default=None, help="slice store folders (default: demo stores, see above)")
+    ap.add_argument("--fresh", action="store_true", help="preprocess resources/demo into a temporary folder even if results/slices exists")
     ap.add_argument("--batches", type=int, default=4, help="timed batches per setting")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--in-memory", choices=["recipe", "yes", "no"], default="recipe",
@@ -140,7 +145,7 @@ def main() -> None:
     if args.stores:
         stores = [Path(s) for s in args.stores]
         source = "given stores"
-    elif all((REPO / "results" / "slices" / d / "index.json").is_file() for d in DEMO_STORES):
+    elif not args.fresh and all((REPO / "results" / "slices" / d / "index.json").is_file() for d in DEMO_STORES):
         stores = [REPO / "results" / "slices" / d for d in DEMO_STORES]
         source = "results/slices (demo workflow)"
     else:

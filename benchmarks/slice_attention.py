@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=4)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1 = least noise on a shared machine)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats for S <= 512 (3 above)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per model and S (median)")
     ap.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                     help="auto: thread CPU time on CPU with one thread, else wall time")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -253,8 +253,7 @@ def main() -> None:
         valid = torch.ones(args.batch, s, dtype=torch.bool, device=device)
         inputs = (tokens, z, valid)
         run = {k: m for k, m in models.items() if k not in DENSE or s <= args.dense_max}
-        reps = args.repeats if s <= 512 else max(2, min(3, args.repeats))
-        times[s] = time_ms(run, inputs, device, reps, clock)
+        times[s] = time_ms(run, inputs, device, args.repeats, clock)
         peaks[s] = {k: peak_bytes(m, inputs, device) / mb for k, m in run.items()}
         saved[s] = {k: saved_bytes(m, inputs) / mb for k, m in run.items()}
         print(f"  S={s}: ours {times[s]['ours']:.1f} ms ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
