@@ -413,6 +413,8 @@ def intensity_arg(wildcards, input):
 # One run per {task}/{init}/{fraction}/{seed}; the grid (inits, fractions, seeds) is study-wide in
 # config `finetune` and may be overridden per task. Folder names use str(float(fraction)).
 FINETUNE_GRID_KEYS = ("inits", "fractions", "seeds")
+# how runs are grouped into jobs; changes no run, so never part of a run's settings
+FINETUNE_JOB_KEYS = ("seeds_per_job",)
 
 
 def fraction_name(fraction):
@@ -458,9 +460,9 @@ def finetune_train_dataset(task):
 def finetune_settings(task):
     """Resolved settings of one task: study-wide keys, the task's keys on top (dicts merged one
     level deep), plus what the run needs from other sections. The grid lists are left out so that
-    adding a seed or fraction does not re-run the existing runs."""
+    adding a seed or fraction does not re-run the existing runs; so are the job-layout keys."""
     ft = config["finetune"]
-    merged = {k: v for k, v in ft.items() if k != "tasks" and k not in FINETUNE_GRID_KEYS}
+    merged = {k: v for k, v in ft.items() if k != "tasks" and k not in FINETUNE_GRID_KEYS + FINETUNE_JOB_KEYS}
     for key, value in ft["tasks"][task].items():
         if key in FINETUNE_GRID_KEYS:
             continue
@@ -515,6 +517,44 @@ def finetune_args(wildcards, input):
     if "encoder" in input.keys():
         args += ["--encoder", shlex.quote(str(input.encoder))]
     return " ".join(args)
+
+
+def finetune_seed_groups():
+    """{rule name: (seeds, tasks)}: the seed groups that rule finetune_seeds runs in one job each.
+
+    `finetune.seeds_per_job` > 1 groups consecutive seeds of a task's list (so appending seeds
+    adds groups and leaves the existing jobs as they are); a group of one seed is left to
+    finetune_run. Tasks with the same seed list share the rules; the first group's rule is
+    `finetune_seeds`, the next ones `finetune_seeds_2`, ...
+    """
+    size = int(config["finetune"].get("seeds_per_job", 1) or 1)
+    groups = {}
+    if size < 2:
+        return groups
+    for task in study_tasks():
+        seeds = finetune_grid(task)[2]
+        for start in range(0, len(seeds), size):
+            chunk = tuple(int(s) for s in seeds[start : start + size])
+            if len(chunk) > 1:
+                groups.setdefault(chunk, []).append(task)
+    return {
+        "finetune_seeds" if i == 0 else f"finetune_seeds_{i + 1}": (list(chunk), tasks)
+        for i, (chunk, tasks) in enumerate(groups.items())
+    }
+
+
+def finetune_seed_cells(wildcards, input, seeds):
+    """`medclust finetune-many --cells`: one cell per seed of a finetune_seeds job (JSON)."""
+    run = f"{RESULTS}/finetune/{wildcards.task}/{wildcards.init}/{wildcards.fraction}"
+    logs = f"{RESULTS}/logs/finetune/{wildcards.task}/{wildcards.init}/{wildcards.fraction}"
+    cells = []
+    for seed in seeds:
+        cell = {"init": wildcards.init, "fraction": float(wildcards.fraction), "seed": int(seed),
+                "out": f"{run}/{seed}", "log": f"{logs}/{seed}.log"}
+        if "encoder" in input.keys():
+            cell["encoder"] = str(input.encoder)
+        cells.append(cell)
+    return as_json({"cells": cells})
 
 
 # --- fine-tuning helpers (end) -----------------------------------------------------------------

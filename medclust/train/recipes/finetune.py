@@ -325,6 +325,7 @@ def run_finetune(
     seed: int,
     encoder: str | os.PathLike[str] | None = None,
     train_slices_dir: str | os.PathLike[str] | None = None,
+    keep_checkpoint: bool | None = None,
 ) -> Path:
     """Train, select on val, predict and score the test cases and write the run folder.
 
@@ -337,6 +338,8 @@ def run_finetune(
         seed: run seed (label subset, initialisation, data order).
         encoder: the pretrained ``encoder.pt``; required unless ``init == "none"``.
         train_slices_dir: slice store of the training dataset when it differs.
+        keep_checkpoint: keep ``checkpoint/`` after the run (default: the ``keep_checkpoint``
+            setting); ``medclust finetune-many`` keeps it until all its cells have finished.
 
     Returns:
         The path of ``model.pt`` (written last).
@@ -412,7 +415,7 @@ def run_finetune(
         evaluate_run(out, run_settings)
         # the run folder is the model package: model.json + model.pt
         model_path = write_finetune_package(out, model, run_settings, train_slices_dir or slices_dir, label_map=data.lut)
-    if not bool(run_settings.get("keep_checkpoint", False)):
+    if not (bool(run_settings.get("keep_checkpoint", False)) if keep_checkpoint is None else keep_checkpoint):
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     log.info("wrote %s in %.1f s (training %.1f s)", out, time.perf_counter() - started, trained_at - started)
     return model_path
