@@ -6,11 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pretrain_helpers import make_stores, tiny_settings
 
 from medclust.data import collect_cases
+from medclust.evaluate.cluster_quality import categorical_values
+from medclust.evaluate.probes import ProbeTarget
 from medclust.train import Trainer, TrainerConfig
 from medclust.train.monitor import build_monitor
 from medclust.train.recipes import PretrainTask, resolve_settings, run_pretraining
@@ -135,3 +138,13 @@ def test_monitor_leaves_training_unchanged(stores: dict[str, Path], tmp_path: Pa
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
         assert torch.equal(a, b), name
     assert watched.training  # the monitor restored train mode
+
+
+def test_structure_sets_use_the_columns_that_apply_to_each_item() -> None:
+    nan = float("nan")
+    target = ProbeTarget(
+        "structures",
+        np.array([[1, 0, nan], [1, 1, nan], [0, 0, nan], [nan, nan, 1], [nan, nan, nan]]),
+        columns=["chest/lung", "chest/heart", "brain/grey"],
+    )
+    assert categorical_values(target).tolist() == ["chest/lung", "chest/lung+chest/heart", "none", "brain/grey", ""]

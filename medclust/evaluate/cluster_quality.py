@@ -32,17 +32,19 @@ __all__ = ["categorical_values", "cluster_quality", "probe_scores"]
 def categorical_values(target: ProbeTarget) -> np.ndarray:
     """(N,) class names of a probe target; ``""`` where it does not apply.
 
-    A multi-label target's class is the ``+``-joined set of its positive columns (``none`` for a
-    slice that shows none of them); an item with any undefined (NaN) column gets ``""``.
+    A multi-label target's class is the ``+``-joined set of its positive columns among those that
+    apply to the item (columns are NaN where they do not: another dataset's structures), ``none``
+    for a slice that shows none of them; an item to which no column applies gets ``""``.
     """
     if not target.multilabel:
         return np.asarray(target.values).astype(str)
     values = np.asarray(target.values, dtype=float)
     out = np.full(values.shape[0], "", dtype=object)
     for i, row in enumerate(values):
-        if np.isnan(row).any():
+        applies = ~np.isnan(row)
+        if not applies.any():
             continue
-        present = [c for c, v in zip(target.columns or [], row) if v > 0.5]
+        present = [c for c, v, a in zip(target.columns or [], row, applies) if a and v > 0.5]
         out[i] = "+".join(present) or "none"
     return out.astype(str)
 
