@@ -176,6 +176,44 @@ def test_recompute_keeps_less_for_backward_with_same_result():
     assert saved[False] - saved[True] >= 2 * per_layer  # two layers
 
 
+@pytest.mark.parametrize("impl", ["bag", "gather"])
+def test_attend_is_the_operator_inside_forward(impl):
+    """forward is exactly out_proj(attend(query, value_proj(query))): outputs and all gradients."""
+    attn = _model(impl=impl, recompute_min_tokens=None).layers[0].attn
+    tokens, z, valid = _volume(24, b=2)
+    valid[1, 17:] = False
+    index = build_slice_index(z, valid)
+    weights = torch.linspace(-1.0, 1.0, tokens.numel()).view_as(tokens)
+    results = []
+    for via_attend in (False, True):
+        attn.zero_grad(set_to_none=True)
+        query = tokens.clone().requires_grad_(True)
+        out = attn.out_proj(attn.attend(query, attn.value_proj(query), index)) if via_attend else attn(query, index)
+        (out * weights).sum().backward()
+        results.append([out.detach(), query.grad, *(p.grad for p in attn.parameters())])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_attend_reads_each_heads_values_at_real_slices_with_weights_summing_to_one():
+    attn = _model().layers[0].attn
+    tokens, z, valid = _volume(24, b=2)
+    valid[1, 17:] = False
+    heads, dh = attn.heads, attn.head_dim
+    # head h's channels hold h + 1 at every real slice, NaN at padding: any read of padding or
+    # of another head's channels, or weights not summing to 1, shows
+    value = torch.arange(1.0, heads + 1.0).repeat_interleave(dh).expand(2, 24, heads * dh).clone()
+    value[~valid] = float("nan")
+    value.requires_grad_(True)
+    out = attn.attend(tokens, value, build_slice_index(z, valid))
+    assert out.shape == (2, 24, heads * dh)
+    torch.testing.assert_close(out, value.detach()[0, :1].expand_as(out), atol=1e-5, rtol=0)
+    out.sum().backward()
+    assert torch.count_nonzero(value.grad[~valid]) == 0
+    # each query's H*P weights per channel sum to 1 over the slices: total gradient = number of queries
+    torch.testing.assert_close(value.grad.sum((0, 1)), torch.full((heads * dh,), 2.0 * 24))
+
+
 @pytest.mark.parametrize("default_init", [True, False])
 def test_gradients_reach_offsets_and_attention_weights(default_init):
     torch.manual_seed(0)

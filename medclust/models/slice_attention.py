@@ -290,26 +290,40 @@ class DeformableSliceAttention(nn.Module):
         # which makes this 1.5-2x faster than over a last dimension of only P values
         return offsets, logits.transpose(-1, -2).softmax(dim=-2).transpose(-1, -2)
 
-    def _sample(self, query: torch.Tensor, rows: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-        """Value projection, weighted sampling of the value rows, output projection."""
-        b, s, d = query.shape
-        table = self.value_proj(query).reshape(b * s * self.heads, self.head_dim)
+    def sample_values(self, value: torch.Tensor, rows: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        """Weighted sums of the sampled value rows: the gather and the sum over points.
+
+        Args:
+            value: (B, S, D) projected values (head h in channels ``h * D/H`` to ``(h + 1) * D/H``).
+            rows, coeff: from :meth:`sampling_rows` for the same volumes.
+
+        Returns:
+            (B, S, D): per slice, the heads' results side by side (before the output projection).
+        """
+        b, s, d = value.shape
+        table = value.reshape(b * s * self.heads, self.head_dim)
         coeff = coeff.to(table.dtype)
         if self.impl == "bag":
             out = weighted_rows(table, rows, coeff)
         else:
             out = (table[rows.reshape(-1)].view(*rows.shape, self.head_dim) * coeff[..., None]).sum(1)
-        return self.out_proj(out.view(b, s, d))
+        return out.view(b, s, d)
 
-    def forward(self, query: torch.Tensor, index: SliceIndex) -> torch.Tensor:
-        """Attend across slices.
+    def _sample(self, query: torch.Tensor, rows: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+        """Value projection, weighted sampling of the value rows, output projection."""
+        return self.out_proj(self.sample_values(self.value_proj(query), rows, coeff))
+
+    def sampling_rows(self, query: torch.Tensor, index: SliceIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each query's heads read and with what weight: offsets, weights, interpolation.
 
         Args:
-            query: (B, S, D) normalised tokens (queries and values).
+            query: (B, S, D) normalised tokens.
             index: from :func:`build_slice_index` for the same volumes.
 
         Returns:
-            (B, S, D).
+            ``(rows, coeff)``, both (B*S*H, 2P): rows of the flattened (B*S*H, D/H) value table
+            (int32 when they fit, else int64) and their float32 weights (attention weight times
+            interpolation weight; each row of ``coeff`` sums to 1).
         """
         b, s, _ = query.shape
         h, p = self.heads, self.points
@@ -324,6 +338,39 @@ class DeformableSliceAttention(nn.Module):
         if b * s * h < 2**31:
             rows = rows.to(torch.int32)  # kept for backward: half the bytes of int64
         coeff = torch.cat([attn * (1.0 - w), attn * w], dim=-1).view(b * s * h, 2 * p)
+        return rows, coeff
+
+    def attend(self, query: torch.Tensor, value: torch.Tensor, index: SliceIndex) -> torch.Tensor:
+        """The attention operator alone, without the value and output projections.
+
+        Offset and weight prediction from ``query``, the z interpolation, the gather of
+        ``value`` rows and the weighted sum over points; the counterpart of
+        ``scaled_dot_product_attention(q, k, v)`` (benchmarks/slice_attention.py compares the two).
+        Never recomputes in backward (that covers the value projection, which is not part of it).
+
+        Args:
+            query: (B, S, D) normalised tokens.
+            value: (B, S, D) projected values.
+            index: from :func:`build_slice_index` for the same volumes.
+
+        Returns:
+            (B, S, D); ``out_proj(attend(query, value_proj(query), index))`` is :meth:`forward`.
+        """
+        rows, coeff = self.sampling_rows(query, index)
+        return self.sample_values(value, rows, coeff)
+
+    def forward(self, query: torch.Tensor, index: SliceIndex) -> torch.Tensor:
+        """Attend across slices.
+
+        Args:
+            query: (B, S, D) normalised tokens (queries and values).
+            index: from :func:`build_slice_index` for the same volumes.
+
+        Returns:
+            (B, S, D).
+        """
+        b, s, _ = query.shape
+        rows, coeff = self.sampling_rows(query, index)
         if self.recompute_min_tokens is not None and b * s >= self.recompute_min_tokens and torch.is_grad_enabled():
             # the values and the sampled values are recomputed in backward instead of kept:
             # 2 of the ~7 (B, S, D) activations a layer would otherwise hold for it
