@@ -1,26 +1,35 @@
 """Preprocessing speed against plain loading, per demo case, and the data stage's wall time.
 
 1. For every case of the default config's datasets (the demo data must have been fetched, e.g.
-   by ``snakemake --cores 2 data``), side by side in this one process, interleaved and repeated:
+   by ``snakemake --cores 2 data``), in a worker process, interleaved and repeated:
    - ``load``: merely reading and decompressing the case's files with the plain library
      (nibabel ``np.asanyarray(img.dataobj)`` for NIfTI, SimpleITK for a DICOM series, pydicom
-     ``pixel_array`` for a 2D DICOM; image and label);
+     ``pixel_array`` for a 2D DICOM; image and label): the floor;
    - ``preprocess``: ``medclust.preprocess.preprocess_case`` (read, QC-free preprocessing,
      HDF5 write), imports warmed up beforehand.
-   The ratio preprocess / load is the number to watch (target <= 1.5). Peak resident memory of
-   a fresh process preprocessing the case is reported beside it (minus that of a process that
-   only imports the same modules).
-2. The whole data stage (``snakemake data``) on the default config with ``--cores 1`` and then
-   ``--cores 2``, each into a fresh temporary ``results_dir`` (the fetched demo data are reused).
+   The ratio preprocess / load is the number to watch (targets: <= 1.2 for the CTs, <= 1.5 for
+   the brain MR templates). With ``--baseline REV`` a second worker runs the ``medclust``
+   package of git revision REV, case by case in turn with the first, so before and after are
+   measured side by side under the same machine load. ``--memory``: peak resident memory of a
+   fresh process preprocessing each case (minus that of a process that only imports the same
+   modules).
+2. With ``--data-stage`` (minutes): the whole data stage (``snakemake data``) on the default
+   config with ``--cores 1`` and then ``--cores 2``, each into a fresh temporary
+   ``results_dir`` (the fetched demo data are reused).
+
+The last line is machine-readable: ``max_ct_ratio=<max over the demo CTs of preprocess/load>
+max_mr_ratio=<max over the brain MR templates>`` (the current code; ``baseline_...`` for REV),
+plus ``data_stage_speedup_2v1=`` with ``--data-stage``.
 
 Usage::
 
-    python benchmarks/preprocess.py [--repeats 3] [--skip-workflow] [--skip-memory] [--skip-cases]
+    python benchmarks/preprocess.py [--repeats 5] [--baseline REV] [--memory] [--data-stage]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -28,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -72,8 +82,11 @@ def _cases(config: dict) -> list[tuple[str, object, dict]]:
             print(f"  (skipping {name}: {settings.get('path')} not found)", file=sys.stderr)
             continue
         prep = dict(config["preprocess"], **entry.get("preprocess", {}))
+        assume = entry.get("assume_pixel_spacing")
         for case in discover(settings):
             if case.error is None:
+                if assume is not None:  # as ingest sets it
+                    case.assume_spacing = (float(assume[0]), float(assume[1]))
                 found.append((name, case, prep))
     return found
 
@@ -88,55 +101,141 @@ def _peak_rss_mb(code: str) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def bench_cases(repeats: int, memory: bool) -> list[dict]:
+def _use_package(src: Path) -> None:
+    """Import ``medclust`` from ``src`` (ahead of an editable install's finder, which would win over sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "medclust", src / "medclust" / "__init__.py", submodule_search_locations=[str(src / "medclust")]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["medclust"] = module
+    spec.loader.exec_module(module)
+
+
+def worker(src: Path) -> None:
+    """Serve timing requests on stdin (one JSON line per case), answer one JSON line each."""
+    _use_package(src)
     import torch
 
-    from medclust.config import load_config
+    from medclust.io.sources import CaseEntry
     from medclust.preprocess.pipeline import PreprocessSettings, preprocess_case
 
     torch.set_num_threads(1)
+    os.chdir(REPO)
+    with tempfile.TemporaryDirectory() as tmp:
+        for line in sys.stdin:
+            job = json.loads(line)
+            case, name = CaseEntry.from_dict(job["case"]), job["dataset"]
+            settings = PreprocessSettings.from_dict(job["prep"])
+            times: dict[str, list[float]] = {"load": [], "prep": [], "load_cpu": [], "prep_cpu": []}
+            for _ in range(job["repeats"]):
+                for key in ("load", "prep"):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    if key == "load":
+                        _plain_load(case.image, case.series_uid)
+                        if case.label:
+                            _plain_load(case.label)
+                    else:
+                        preprocess_case(case, settings, Path(tmp) / "case.h5", name)
+                    times[key].append(time.perf_counter() - t0)
+                    times[key + "_cpu"].append(time.process_time() - c0)
+            print(json.dumps(times), flush=True)
+
+
+class Worker:
+    """A ``worker`` process running the ``medclust`` package of ``src``."""
+
+    def __init__(self, src: Path) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(src)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, encoding="utf-8", cwd=REPO, env=env,
+        )
+
+    def time(self, name: str, case: Any, prep: dict, repeats: int) -> dict[str, list[float]]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"dataset": name, "case": case.to_dict(), "prep": prep, "repeats": repeats}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"preprocess benchmark worker died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _kind(name: str, config: dict, shape: list[int]) -> str:
+    modality = str(config["datasets"][name].get("modality", "")).upper()
+    return modality if len(shape) == 3 and modality in ("CT", "MR") else "2D"
+
+
+def bench_cases(repeats: int, memory: bool, baseline: str | None) -> list[dict]:
+    from medclust.config import load_config
+
     os.chdir(REPO)
     config = load_config(REPO / "config.yaml")
     cases = _cases(config)
     if not cases:
         sys.exit("no demo cases found: run `snakemake --cores 2 data` first (it fetches the demo data)")
+    workers = {"now": Worker(REPO)}
+    tmp = tempfile.TemporaryDirectory(prefix="medclust-prep-bench-")
+    if baseline:
+        workers["before"] = Worker(baseline_source(baseline, Path(tmp.name)))
     rows = []
-    imports = "import torch, monai.transforms, medclust.preprocess.pipeline, nibabel, SimpleITK, pydicom, h5py"
-    base_rss = _peak_rss_mb(imports) if memory else 0.0
-    with tempfile.TemporaryDirectory() as tmp:
-        # Warm up imports and caches (file system cache too: both paths read the same bytes).
+    try:
         name, case, prep = cases[0]
-        preprocess_case(case, PreprocessSettings.from_dict(prep), Path(tmp) / "warm.h5", name)
+        for w in workers.values():  # imports and file caches warmed up
+            w.time(name, case, prep, 1)
         for name, case, prep in cases:
-            settings = PreprocessSettings.from_dict(prep)
-            load_times, prep_times = [], []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                _plain_load(case.image, case.series_uid)
-                if case.label:
-                    _plain_load(case.label)
-                load_times.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                out = preprocess_case(case, settings, Path(tmp) / f"{case.case_id}.h5", name)
-                prep_times.append(time.perf_counter() - t0)
-            from medclust.io.slice_store import read_case
-
-            shape = read_case(out, slices=[0]).attrs["original_shape"]
-            load_s, prep_s = statistics.median(load_times), statistics.median(prep_times)
-            rss = 0.0
-            if memory:
-                code = (
-                    f"{imports}\nfrom medclust.io.sources import CaseEntry\n"
-                    f"from medclust.preprocess.pipeline import preprocess_case\n"
-                    f"preprocess_case(CaseEntry.from_dict({case.to_dict()!r}), {prep!r}, {str(Path(tmp) / 'm.h5')!r}, {name!r})"
-                )
-                rss = _peak_rss_mb(code) - base_rss
-            rows.append(
-                {"dataset": name, "case": case.case_id, "shape": "x".join(map(str, shape)), "label": bool(case.label),
-                 "load_s": load_s, "prep_s": prep_s, "ratio": prep_s / load_s, "rss_mb": rss}
-            )
-            print(f"  {name}/{case.case_id}: load {load_s:.3f} s, preprocess {prep_s:.3f} s, ratio {prep_s / load_s:.2f}", file=sys.stderr)
+            row: dict[str, Any] = {"dataset": name, "case": case.case_id, "label": bool(case.label)}
+            for key, w in workers.items():
+                t = w.time(name, case, prep, repeats)
+                med = {k: statistics.median(v) for k, v in t.items()}
+                row[key] = {**med, "ratio": med["prep"] / med["load"], "ratio_cpu": med["prep_cpu"] / med["load_cpu"]}
+            row["shape"] = _shape(case)
+            row["kind"] = _kind(name, config, row["shape"])
+            row["rss_mb"] = _rss(name, case, prep) if memory else 0.0
+            rows.append(row)
+            done = " | ".join(f"{k}: load {row[k]['load']:.3f} s, preprocess {row[k]['prep']:.3f} s, ratio {row[k]['ratio']:.2f}" for k in workers)
+            print(f"  {name}/{case.case_id}: {done}", file=sys.stderr)
+    finally:
+        for w in workers.values():
+            w.close()
+        tmp.cleanup()
     return rows
+
+
+def _shape(case: Any) -> list[int]:
+    from medclust.io.readers import load_image
+
+    return list(load_image(case.image, case.series_uid, assume_spacing=case.assume_spacing, unscaled=True).array.shape)
+
+
+def _rss(name: str, case: Any, prep: dict) -> float:
+    imports = "import torch, monai.transforms, medclust.preprocess.pipeline, nibabel, SimpleITK, pydicom, h5py"
+    with tempfile.TemporaryDirectory() as tmp:
+        code = (
+            f"{imports}\nfrom medclust.io.sources import CaseEntry\n"
+            f"from medclust.preprocess.pipeline import preprocess_case\n"
+            f"preprocess_case(CaseEntry.from_dict({case.to_dict()!r}), {prep!r}, {str(Path(tmp) / 'm.h5')!r}, {name!r})"
+        )
+        return _peak_rss_mb(code) - _peak_rss_mb(imports)
+
+
+def baseline_source(rev: str, dest: Path) -> Path:
+    """The ``medclust`` package of git revision ``rev``, unpacked under ``dest``."""
+    import tarfile
+
+    archive = dest / "src.tar"
+    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), rev, "medclust"], cwd=REPO, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest / "src", filter="data")
+    return dest / "src"
 
 
 def bench_workflow(cores_list: list[int]) -> list[tuple[int, float, float, int]]:
@@ -154,7 +253,7 @@ def bench_workflow(cores_list: list[int]) -> list[tuple[int, float, float, int]]
             ]
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
-            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace")
+            done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", check=False)
             wall = time.perf_counter() - t0
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -167,43 +266,62 @@ def bench_workflow(cores_list: list[int]) -> list[tuple[int, float, float, int]]
     return results
 
 
-def _print_cases(rows: list[dict], repeats: int) -> None:
-    print("\nPreprocessing vs plain load+decompress (median of %d, one thread)" % repeats)
-    header = f"{'dataset/case':38s} {'shape':>13s} {'label':>5s} {'load s':>7s} {'prep s':>7s} {'ratio':>6s} {'+RSS MB':>8s}"
+def _print_cases(rows: list[dict], repeats: int, baseline: str | None) -> dict[str, float]:
+    keys = ["before", "now"] if baseline else ["now"]
+    print(f"\nPreprocessing vs plain load+decompress (median of {repeats}, one torch thread)"
+          + (f"; before = {baseline}, now = this checkout" if baseline else ""))
+    header = f"{'dataset/case':38s} {'shape':>13s} {'label':>5s} {'load s':>7s}"
+    for k in keys:
+        header += f" {k + ' s':>9s} {k + ' ratio':>12s} {'(CPU)':>6s}"
+    header += f" {'+RSS MB':>8s}" if any(r["rss_mb"] for r in rows) else ""
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(
-            f"{r['dataset'] + '/' + r['case']:38s} {r['shape']:>13s} {'yes' if r['label'] else 'no':>5s} "
-            f"{r['load_s']:7.3f} {r['prep_s']:7.3f} {r['ratio']:6.2f} {r['rss_mb']:8.0f}"
-        )
-    volumes = [r for r in rows if r["shape"].count("x") == 2]
-    if volumes:
-        print(f"worst 3D ratio: {max(r['ratio'] for r in volumes):.2f} (target <= 1.5)")
+        line = f"{r['dataset'] + '/' + r['case']:38s} {'x'.join(map(str, r['shape'])):>13s} {'yes' if r['label'] else 'no':>5s} {r['now']['load']:7.3f}"
+        for k in keys:
+            line += f" {r[k]['prep']:9.3f} {r[k]['ratio']:12.2f} {r[k]['ratio_cpu']:6.2f}"
+        line += f" {r['rss_mb']:8.0f}" if any(x["rss_mb"] for x in rows) else ""
+        print(line)
+    worst = {}
+    for k in keys:
+        for kind in ("CT", "MR"):
+            values = [r[k]["ratio"] for r in rows if r["kind"] == kind]
+            if values:
+                worst[f"{'' if k == 'now' else 'baseline_'}max_{kind.lower()}_ratio"] = max(values)
+    print("worst ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in worst.items()) + " (targets: CT <= 1.2, MR <= 1.5)")
+    return worst
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(Path(sys.argv[2]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timings per case (median reported)")
-    parser.add_argument("--skip-workflow", action="store_true", help="skip the snakemake wall-time runs")
-    parser.add_argument("--skip-memory", action="store_true", help="skip the per-case peak-memory processes")
-    parser.add_argument("--skip-cases", action="store_true", help="only time the workflow")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per case (median reported)")
+    parser.add_argument("--baseline", default=None, help="git revision whose medclust package to time beside this checkout")
+    parser.add_argument("--memory", action="store_true", help="peak memory of a fresh process per case (slow)")
+    parser.add_argument("--data-stage", action="store_true", help="also time `snakemake data` with --cores 1 and 2 (minutes)")
+    parser.add_argument("--skip-cases", action="store_true", help="only time the data stage")
     args = parser.parse_args()
 
-    print(f"host: {os.uname().nodename}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    rows = [] if args.skip_cases else bench_cases(args.repeats, memory=not args.skip_memory)
-    if rows:
-        _print_cases(rows, args.repeats)
-    if not args.skip_workflow:
+    load_start = os.getloadavg()[0]
+    print(f"host: {os.uname().nodename}, {os.cpu_count()} CPUs, load average {load_start:.2f}")
+    final: dict[str, float] = {}
+    if not args.skip_cases:
+        rows = bench_cases(args.repeats, memory=args.memory, baseline=args.baseline)
+        final.update(_print_cases(rows, args.repeats, args.baseline))
+    if args.data_stage:
         print("\nWhole data stage on the default config (fresh results_dir, demo data already fetched)")
-        print(f"load average before: {os.getloadavg()[0]:.1f}")
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
         walls = bench_workflow([1, 2])
         print(f"{'cores':>5s} {'wall s':>8s} {'CPU s':>8s} {'jobs':>5s}")
         for cores, wall, cpu, jobs in walls:
             print(f"{cores:5d} {wall:8.1f} {cpu:8.1f} {jobs:5d}")
-        if len(walls) == 2:
-            print(f"speed-up 2 cores vs 1: {walls[0][1] / walls[1][1]:.2f}x")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+        final["data_stage_speedup_2v1"] = walls[0][1] / walls[1][1]
+        print(f"speed-up 2 cores vs 1: {final['data_stage_speedup_2v1']:.2f}x")
+    load_end = os.getloadavg()[0]
+    print(f"load average at the end: {load_end:.2f}")
+    print(" ".join(f"{k}={v:.2f}" for k, v in final.items()) + f" load_start={load_start:.2f} load_end={load_end:.2f}")
 
 
 if __name__ == "__main__":

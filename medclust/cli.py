@@ -125,12 +125,18 @@ def _cmd_ingest(sub: Any) -> None:
 
 def _cmd_preprocess(sub: Any) -> None:
     def run(args: argparse.Namespace) -> None:
-        import torch
+        with heavy_imports():
+            import monai.transforms  # noqa: F401 - the pipeline's grid and resampling (imported on first use)
+            import torch
 
-        from medclust.errors import MedclustError
-        from medclust.io.sources import CaseEntry, sanitize_case_id, strip_image_suffix
-        from medclust.preprocess.ingest import check_case, read_cases
-        from medclust.preprocess.pipeline import preprocess_case
+            from medclust.errors import MedclustError
+            from medclust.io.sources import (
+                CaseEntry,
+                sanitize_case_id,
+                strip_image_suffix,
+            )
+            from medclust.preprocess.ingest import check_case, read_cases
+            from medclust.preprocess.pipeline import preprocess_case
 
         torch.set_num_threads(max(1, args.threads))
         settings = dict(args.settings)

@@ -19,7 +19,9 @@ A series with missing slices or irregular spacing raises :class:`DicomGapError` 
 interpolated along the normal onto a regular grid at the series' spacing, from the true slice
 positions. Everything else wrong is a plain :class:`BadInputError`. The voxels are read by
 SimpleITK (GDCM: every transfer syntax, rescale slope/intercept applied) from the checked file
-list in position order; the affine comes from the headers.
+list in position order, or, with ``unscaled`` (preprocessing), for an uncompressed 16-bit
+series by :mod:`medclust.io.dicom_pixels` in one NumPy pass that also hashes the folder; the
+affine comes from the headers.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class SliceHeader:
     frames: int
     modality: str | None
     thickness: float | None
+    pixels: dict[str, Any] | None = None  # how the pixel data are stored (medclust.io.dicom_pixels)
 
 
 @dataclass
@@ -126,6 +129,7 @@ class SeriesLayout:
     columns: int
     modality: str | None
     gap: str | None = None
+    headers: list[SliceHeader] | None = None  # in the order of ``files``
 
     def regular_offsets(self) -> np.ndarray:
         """Positions (mm along the normal) of the regular grid from the first to the last slice."""
@@ -246,6 +250,16 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
                 )
     thickness = ds.get("SliceThickness")
     spacing = _numbers(ds.get("PixelSpacing"), 2)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    pixels = None
+    if tell is not None and length != _UNDEFINED_LENGTH:
+        pixels = {
+            "offset": int(tell), "length": length, "syntax": str(syntax or ""),
+            "samples": int(ds.get("SamplesPerPixel") or 1), "bits_allocated": int(ds.get("BitsAllocated") or 0),
+            "bits_stored": int(ds.get("BitsStored") or 0), "signed": int(ds.get("PixelRepresentation") or 0) == 1,
+            "photometric": str(ds.get("PhotometricInterpretation") or ""),
+            "slope": ds.get("RescaleSlope"), "intercept": ds.get("RescaleIntercept"),
+        }
     return SliceHeader(
         path=path,
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
@@ -257,6 +271,7 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
         frames=frames,
         modality=modality_from_tag(ds.get("Modality")),
         thickness=float(thickness) if thickness not in (None, "") else None,
+        pixels=pixels,
     )
 
 
@@ -430,6 +445,7 @@ def scan_series(folder: str | os.PathLike[str], series_uid: str | None = None) -
         columns=slices[0].columns,
         modality=next((h.modality for h in slices if h.modality), None),
         gap=gap,
+        headers=slices,
     )
 
 
@@ -449,6 +465,7 @@ def read_dicom_series(
     *,
     resample_gaps: bool = False,
     max_voxels: int | None = None,
+    unscaled: bool = False,
 ) -> ImageData:
     """Read one DICOM series (a folder of slices) as a volume, after :func:`scan_series`.
 
@@ -458,6 +475,10 @@ def read_dicom_series(
         resample_gaps: resample a series with missing slices or irregular spacing onto a
             regular grid at its true positions (float32) instead of raising.
         max_voxels: the most voxels accepted (None: no limit).
+        unscaled: for an uncompressed, regular series: the stored values, read with NumPy in one
+            pass over the folder that also hashes it (``meta["sha256"]``, as
+            :func:`medclust.preprocess.pipeline.source_sha256`), and ``meta["intensity_scale"]``
+            (rescale slope, intercept) to apply; other series are read by SimpleITK as usual.
 
     Returns:
         The volume in x, y, z index order with its RAS affine; ``modality`` from the header;
@@ -474,6 +495,18 @@ def read_dicom_series(
         raise DicomGapError(folder, f"{layout.gap} (dicom_gaps: resample interpolates it onto a regular grid)")
     targets = layout.regular_offsets()
     check_voxel_count(folder, (layout.columns, layout.rows, max(len(targets), len(layout.files))), max_voxels)
+    if unscaled and layout.gap is None:
+        from medclust.io.dicom_pixels import read_stored_values
+
+        stored = read_stored_values(layout)
+        if stored is not None:
+            array, meta = stored
+            while array.ndim > 2 and array.shape[-1] == 1:  # a one-slice series is a 2D image
+                array = array[..., 0]
+            affine = layout.affine_ras()
+            check_affine(affine, folder, array.ndim)
+            return ImageData(array=array, affine=affine, path=str(folder), kind="dicom_series", modality=layout.modality,
+                             meta={"num_files": len(layout.files), "series_uid": layout.series_uid, **meta})
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(layout.files)
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()

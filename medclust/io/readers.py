@@ -108,7 +108,7 @@ def image_kind(path: str | os.PathLike[str]) -> str:
     )
 
 
-def read_nifti(path: str | os.PathLike[str], max_voxels: int | None = None) -> ImageData:
+def read_nifti(path: str | os.PathLike[str], max_voxels: int | None = None, unscaled: bool = False) -> ImageData:
     """Read a NIfTI file, keeping its on-disk dtype (scaled to float only if it has a slope).
 
     A ``.nii.gz`` up to ``_WHOLE_FILE_LIMIT`` bytes is read in one go, hashed (``meta["sha256"]``)
@@ -118,6 +118,10 @@ def read_nifti(path: str | os.PathLike[str], max_voxels: int | None = None) -> I
     Args:
         path: ``.nii`` or ``.nii.gz`` file.
         max_voxels: the most voxels accepted (None: no limit); checked on the header first.
+        unscaled: return the stored values and put ``(slope, intercept)`` in
+            ``meta["intensity_scale"]`` (when the header sets them) instead of nibabel's float64
+            copy of the whole volume (a 512x512x133 CT: 280 MB and ~0.3 s); the caller applies
+            them (preprocessing does, per slab in float32).
 
     Returns:
         The image; ``array`` is the (Fortran-ordered) voxel array in x, y, z order.
@@ -139,7 +143,13 @@ def read_nifti(path: str | os.PathLike[str], max_voxels: int | None = None) -> I
             img = nib.load(str(path))
         # asanyarray applies scl_slope/inter only when they are set; otherwise it is the raw
         # dtype with no float copy.
-        array = np.asanyarray(img.dataobj)
+        proxy = img.dataobj
+        slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+        if unscaled and (slope, inter) != (1.0, 0.0) and hasattr(proxy, "get_unscaled"):
+            array = proxy.get_unscaled()
+            meta["intensity_scale"] = [slope, inter]
+        else:
+            array = np.asanyarray(proxy)
         affine = np.asarray(img.affine, dtype=np.float64)
     except BadInputError:
         raise
@@ -332,6 +342,7 @@ def load_image(
     max_voxels: int | None = None,
     resample_gaps: bool = False,
     assume_spacing: Sequence[float] | None = None,
+    unscaled: bool = False,
 ) -> ImageData:
     """Load any supported image (see the module docstring).
 
@@ -344,6 +355,8 @@ def load_image(
             onto a regular grid at its true slice positions instead of being refused.
         assume_spacing: (row, column) mm for a single-frame DICOM whose header records no
             usable pixel spacing (the dataset's ``assume_pixel_spacing``).
+        unscaled: NIfTI and uncompressed DICOM series: stored values plus
+            ``meta["intensity_scale"]`` (see :func:`read_nifti`, :func:`read_dicom_series`).
 
     Returns:
         The image with its RAS affine.
@@ -355,11 +368,11 @@ def load_image(
     """
     kind = image_kind(path)
     if kind == "nifti":
-        return read_nifti(path, max_voxels)
+        return read_nifti(path, max_voxels, unscaled=unscaled)
     if kind == "itk":
         return read_itk(path, max_voxels)
     if kind == "dicom_series":
-        return read_dicom_series(path, series_uid, resample_gaps=resample_gaps, max_voxels=max_voxels)
+        return read_dicom_series(path, series_uid, resample_gaps=resample_gaps, max_voxels=max_voxels, unscaled=unscaled)
     if kind == "dicom":
         return read_dicom_2d(path, max_voxels, assume_spacing)
     return read_image_2d(path, max_voxels)

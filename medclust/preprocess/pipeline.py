@@ -2,7 +2,9 @@
 
 Volumes (CT, MR):
 
-1. read the image (and label) in its on-disk dtype and memory order (:mod:`medclust.io.readers`);
+1. read the image (and label) in its on-disk dtype and memory order (:mod:`medclust.io.readers`;
+   NIfTI and uncompressed DICOM series unscaled: their slope/intercept is applied per slab in
+   step 2, never as a float64 copy of the whole volume);
 2. anti-alias: where the target spacing is at least twice the voxel size, average blocks of
    ``floor(target / spacing)`` voxels (``antialias``; a 512x512 CT at 0.7 mm going to 3.75 mm
    would otherwise alias badly). This is also the one pass over the full-size data, done in
@@ -17,7 +19,9 @@ Volumes (CT, MR):
 4. the output grid comes from MONAI's ``Orientation("RAS")``, ``Spacing(spacing)`` and
    ``ResizeWithPadOrCrop`` (in-plane ``size``, all slices kept) applied lazily to the original
    image's geometry, and the image is resampled onto it once with ``SpatialResample``
-   (bilinear; outside the field of view the bottom of the window/range, like air); the label
+   (bilinear; outside the field of view the bottom of the window/range, like air; when the
+   grids differ only by axis permutation, flips, scaling and shifts, as for every RAS-aligned
+   scan, the same trilinear interpolation runs as three 1D passes); the label
    map is resampled from its full-resolution grid onto the same grid with nearest neighbour
    (a direct index lookup, equivalent to ``SpatialResample(mode="nearest")``);
 5. slices: ``np.moveaxis(volume_xyz, slice_axis, 0)``; ``store_affine`` is the affine of that
@@ -52,11 +56,14 @@ from medclust.io.readers import ImageData, load_image
 from medclust.io.slice_store import write_case
 from medclust.io.sources import CaseEntry, normalise_modality
 from medclust.preprocess.intensity import IntensityFingerprint, load_fingerprint
+from medclust.preprocess.resample import nearest_lookup, resample
 
 log = logging.getLogger(__name__)
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-_SLAB_VOXELS = 1 << 24  # float32 voxels converted at a time while anti-aliasing (64 MB)
+# float32 voxels converted at a time while anti-aliasing: one reused 8 MB buffer stays in cache;
+# a fresh 64 MB tensor per slab spent more time in page faults than in the pooling
+_SLAB_VOXELS = 1 << 21
 CT_NORMALIZATIONS = ("window", "nnunet")
 
 
@@ -199,11 +206,17 @@ def _integer_labels(array: np.ndarray) -> np.ndarray:
     return np.rint(array).astype(np.int32)
 
 
-def _block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> Any:
+def _block_mean(array: np.ndarray, factors: tuple[int, int, int], scale: Any = None) -> Any:
     """Average ``factors``-sized blocks (last partial block over its valid voxels), in slabs.
 
-    Returns a float32 torch tensor ``(ceil(n / k) ...)``; for all-ones factors just the float
-    copy.
+    Args:
+        array: the volume in its stored dtype.
+        factors: block size per axis.
+        scale: ``(slope, intercept)`` applied to the float32 values before averaging (NIfTI
+            read unscaled), or None.
+
+    Returns:
+        A float32 torch tensor ``(ceil(n / k) ...)``; for all-ones factors just the float copy.
     """
     import torch
     import torch.nn.functional as F
@@ -212,16 +225,31 @@ def _block_mean(array: np.ndarray, factors: tuple[int, int, int]) -> Any:
         # Read-only views (SimpleITK buffers, in-memory NIfTI) are only ever read here.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         source = torch.from_numpy(_native(array))
+    slope, inter = (float(scale[0]), float(scale[1])) if scale is not None else (1.0, 0.0)
+
+    def to_float(values: Any, buffer: Any = None) -> Any:
+        if scale is None:
+            return values.to(torch.float32) if buffer is None else buffer.copy_(values)
+        out = values.to(torch.float32, copy=True) if buffer is None else buffer.copy_(values)
+        if slope != 1.0:
+            out.mul_(slope)
+        if inter != 0.0:
+            out.add_(inter)
+        return out
+
     if factors == (1, 1, 1):
-        return source.to(torch.float32)
+        return to_float(source)
     k0 = factors[0]
     plane = int(np.prod(array.shape[1:]))
     step = max(k0, (_SLAB_VOXELS // max(plane, 1)) // k0 * k0)
     out_shape = [math.ceil(n / k) for n, k in zip(array.shape, factors)]
     out = torch.empty(out_shape, dtype=torch.float32)
+    buffer = torch.empty((min(step, array.shape[0]), *array.shape[1:]), dtype=torch.float32)
     for start in range(0, array.shape[0], step):
-        slab = source[start : start + step].to(torch.float32)
-        pooled = F.avg_pool3d(slab[None, None], kernel_size=factors, stride=factors, ceil_mode=True)[0, 0]
+        slab = to_float(source[start : start + step], buffer[: min(step, array.shape[0] - start)])
+        # a last slab thinner than the block: its one block averages the planes it has
+        kernel = (min(k0, slab.shape[0]), *factors[1:])
+        pooled = F.avg_pool3d(slab[None, None], kernel_size=kernel, stride=kernel, ceil_mode=True)[0, 0]
         out[start // k0 : start // k0 + pooled.shape[0]] = pooled
     return out
 
@@ -266,59 +294,6 @@ def _target_grid(
     return grid_affine, grid_shape  # type: ignore[return-value]
 
 
-def _resample(
-    values: Any, affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, int, int], mode: str
-) -> np.ndarray:
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
-    if isinstance(values, MetaTensor):  # keep only the data: the affine is given explicitly
-        values = values.as_tensor()
-    src = MetaTensor(values[None], affine=torch.as_tensor(affine, dtype=torch.float64))
-    out = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
-        src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=dst_shape
-    )
-    return np.asarray(out.detach().cpu().numpy()[0])
-
-
-def _nearest_lookup(
-    values: np.ndarray, affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, int, int]
-) -> np.ndarray:
-    """Nearest-neighbour resampling of a label map by direct index lookup (0 outside).
-
-    Gives what MONAI ``SpatialResample(mode="nearest")`` gives (voxel centres at integer
-    indices, ties rounded half to even like ``grid_sample``) without its float32 copy of the
-    whole label map and its sampling grid: labels keep their integer type, and an axis-aligned
-    transform (the usual case: flips, permutation, scaling) is one ``np.ix_`` gather.
-    """
-    xform = np.linalg.solve(affine, dst_affine)  # output voxel -> source voxel
-    linear, offset = xform[:3, :3], xform[:3, 3]
-    src_shape = np.asarray(values.shape)
-    nonzero = np.abs(linear) > 1e-9 * np.abs(linear).max()
-    if (nonzero.sum(axis=0) == 1).all() and (nonzero.sum(axis=1) == 1).all():
-        src_axis = nonzero.argmax(axis=0)  # the source axis each output axis runs along
-        index, valid = [], []
-        for j in range(3):
-            a = src_axis[j]
-            pos = np.rint(linear[a, j] * np.arange(dst_shape[j]) + offset[a]).astype(np.int64)
-            valid.append((pos >= 0) & (pos < src_shape[a]))
-            index.append(np.clip(pos, 0, src_shape[a] - 1))
-        order = np.argsort(src_axis)  # output axes in source-axis order, for np.ix_
-        gathered = np.transpose(values[np.ix_(*[index[j] for j in order])], np.argsort(order))
-        inside = valid[0][:, None, None] & valid[1][None, :, None] & valid[2][None, None, :]
-        return np.where(inside, gathered, 0).astype(values.dtype, copy=False)
-    out = np.zeros(dst_shape, dtype=values.dtype)
-    plane = np.indices(dst_shape[1:]).reshape(2, -1)
-    for i in range(dst_shape[0]):  # one output slab at a time bounds the index arrays' memory
-        points = np.rint(linear @ np.vstack([np.full(plane.shape[1], i), plane]) + offset[:, None]).astype(np.int64)
-        ok = np.all((points >= 0) & (points < src_shape[:, None]), axis=0)
-        flat = np.zeros(plane.shape[1], dtype=values.dtype)
-        flat[ok] = values[points[0, ok], points[1, ok], points[2, ok]]
-        out[i] = flat.reshape(dst_shape[1:])
-    return out
-
-
 def _normalise(
     values: Any, modality: str, settings: PreprocessSettings, intensity: IntensityFingerprint | None = None
 ) -> tuple[Any, dict[str, Any], tuple[float, float]]:
@@ -352,7 +327,9 @@ def _normalise(
         record = {"method": "ct_window", "window_hu": [lo, hi]}
     else:
         q = settings.mr_percentiles if modality == "MR" else settings.xr_percentiles
-        lo, hi = (float(v) for v in percentile(values, list(q)))
+        # on the NumPy view: np.percentile selects (O(n)); below 1e6 values MONAI would use
+        # torch.quantile, a full sort (~80 ms for a brain template at 2 mm)
+        lo, hi = (float(v) for v in percentile(np.asarray(values), list(q)))
         record = {"method": "percentiles", "percentiles": list(q), "values": [lo, hi]}
     if not hi > lo:  # QC rejects constant images; guard the division for near-constant ones
         hi = lo + 1.0
@@ -415,10 +392,10 @@ def preprocess_image(
     data, data_affine, reversed_axes = _c_order(volume, affine)
     factors = _antialias_factors(data_affine, grid_affine) if settings.antialias else (1, 1, 1)
     with torch.inference_mode():
-        reduced = _block_mean(data, factors)
+        reduced = _block_mean(data, factors, image.meta.get("intensity_scale"))
         reduced_affine = _block_affine(data_affine, factors)
         reduced, normalisation, (scale, offset) = _normalise(reduced, modality, settings, intensity)
-        out = _resample(reduced, reduced_affine, grid_affine, grid_shape, mode="bilinear")
+        out = resample(reduced, reduced_affine, grid_affine, grid_shape, mode="bilinear")
         out = np.clip(out, 0.0, 1.0, out=out)
         if (scale, offset) != (1.0, 0.0):
             out = np.multiply(out, np.float32(scale), out=out)
@@ -426,7 +403,7 @@ def preprocess_image(
         out_label = None
         if label is not None:
             lab_volume, lab_affine = _as_volume(label)
-            out_label = _nearest_lookup(_integer_labels(lab_volume), lab_affine, grid_affine, grid_shape)
+            out_label = nearest_lookup(_integer_labels(lab_volume), lab_affine, grid_affine, grid_shape)
     # Block size per axis of the original (x, y, z) grid.
     normalisation["antialias_block"] = list(factors[::-1] if reversed_axes else factors)
 
@@ -491,7 +468,8 @@ def preprocess_case(
     prep = settings if isinstance(settings, PreprocessSettings) else PreprocessSettings.from_dict(settings)
     started = time.perf_counter()
     image = load_image(
-        entry.image, entry.series_uid, resample_gaps=entry.resample_gaps, assume_spacing=entry.assume_spacing
+        entry.image, entry.series_uid, resample_gaps=entry.resample_gaps, assume_spacing=entry.assume_spacing,
+        unscaled=True,  # NIfTI slope/intercept applied per slab in float32 (preprocess_image)
     )
     label = load_image(entry.label) if entry.label else None
     loaded = time.perf_counter()
