@@ -520,7 +520,7 @@ def finetune_args(wildcards, input):
 
 
 def finetune_seed_groups():
-    """{rule name: (seeds, tasks)}: the seed groups that rule finetune_seeds runs in one job each.
+    """The seed groups that finetune_seeds runs in one job each, as {name of its rule -> (seeds, tasks)}.
 
     `finetune.seeds_per_job` > 1 groups consecutive seeds of a task's list (so appending seeds
     adds groups and leaves the existing jobs as they are); a group of one seed is left to
