@@ -106,7 +106,8 @@ def test_cells_must_name_their_run_and_differ():
 @pytest.mark.slow
 def test_workflow_groups_consecutive_seeds_into_one_job(tmp_path):
     """seeds_per_job: 2 with seeds [0, 1, 2]: seeds 0-1 of each init in one finetune_seeds job, the
-    lone seed 2 in finetune_run; the same run settings either way (no re-run when it changes)."""
+    lone seed 2 in finetune_run, and so is a run outside the grid (fraction 0.5); the same run
+    settings either way (no re-run when it changes)."""
     import re
     import shlex
     import subprocess
@@ -118,15 +119,15 @@ def test_workflow_groups_consecutive_seeds_into_one_job(tmp_path):
     config = tiny_study.write_study(tmp_path, cases=2, finetune=finetune)
     out = subprocess.run(
         ["snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile", str(config),
-         "-n", "-p", "finetune"], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+         "-n", "-p", "finetune", "results/finetune/body/none/0.5/0/model.pt"], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     commands = [shlex.split(c) for c in re.findall(r"^Shell command: exec (medclust finetune.*?) > ", out.stdout, re.MULTILINE)]
     many = [c for c in commands if c[1] == "finetune-many"]
     single = [c for c in commands if c[1] == "finetune"]
-    assert len(many) == 2 and len(single) == 2, [c[:2] for c in commands]
+    assert len(many) == 2 and len(single) == 3, [c[:2] for c in commands]
     option = lambda cmd, name: cmd[cmd.index(name) + 1]
-    assert {option(c, "--seed") for c in single} == {"2"}
+    assert sorted((option(c, "--fraction"), option(c, "--seed")) for c in single) == [("0.5", "0"), ("1.0", "2"), ("1.0", "2")]
     for cmd in many:
         cells = json.loads(option(cmd, "--cells"))["cells"]
         init = cells[0]["init"]

@@ -1,12 +1,11 @@
-"""Preprocessing's fast paths give what the general ones give: separable resampling of axis-aligned
-grids (vs MONAI SpatialResample), slab-wise block means (vs one avg_pool3d), and NIfTI read unscaled
-with its slope/intercept applied per slab (vs nibabel's float64 scaling)."""
+"""Preprocessing's fast paths give what the general ones give: slab-wise block means (vs one
+avg_pool3d), NIfTI and uncompressed DICOM series read unscaled with the slope/intercept applied per
+slab (vs nibabel's float64 scaling and GDCM's rescaled int32 volume), bit for bit."""
 
 from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,53 +13,7 @@ from medclust.io.readers import load_image
 from medclust.io.slice_store import read_case
 from medclust.io.sources import CaseEntry
 from medclust.preprocess import pipeline
-from medclust.preprocess import resample as resampling
 from medclust.preprocess.pipeline import PreprocessSettings, preprocess_case
-
-
-def _monai_resample(values: np.ndarray, affine: np.ndarray, dst_affine: np.ndarray, dst_shape) -> np.ndarray:
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
-
-    src = MetaTensor(torch.from_numpy(values)[None], affine=torch.as_tensor(affine, dtype=torch.float64))
-    out = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
-        src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=dst_shape
-    )
-    return out.numpy()[0]
-
-
-@pytest.mark.parametrize(
-    "linear",
-    [
-        np.diag([1.0, 1.0, 1.0]),  # a pure shift (quarter voxels: the brain templates at 2 mm)
-        np.array([[0.0, 0.0, 1.0], [0.0, 1.0667, 0.0], [-1.0667, 0.0, 0.0]]),  # permute, flip, scale (the CT)
-        np.array([[0.0, 0.7, 0.0], [1.3, 0.0, 0.0], [0.0, 0.0, -0.9]]),
-    ],
-)
-def test_separable_resampling_equals_spatial_resample(linear):
-    rng = np.random.default_rng(0)
-    values = rng.uniform(0, 1, (17, 13, 11)).astype(np.float32)
-    affine = np.diag([2.0, 2.0, 3.0, 1.0])
-    affine[:3, 3] = [-10.0, 4.0, 7.0]
-    xform = np.eye(4)
-    xform[:3, :3] = linear
-    xform[:3, 3] = [-0.25, 0.75, -1.4]  # output voxel 0 partly outside the source: zero padding counts
-    dst_affine = affine @ xform
-    dst_shape = (12, 15, 14)
-    assert resampling.axis_aligned(xform[:3, :3]) is not None
-    fast = resampling.resample(torch.from_numpy(values), affine, dst_affine, dst_shape, mode="bilinear")
-    np.testing.assert_allclose(fast, _monai_resample(values, affine, dst_affine, dst_shape), atol=2e-6)
-
-
-def test_oblique_grids_still_resample_through_monai():
-    angle = np.deg2rad(20)
-    rot = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
-    assert resampling.axis_aligned(rot) is None
-    values = np.random.default_rng(1).uniform(0, 1, (9, 9, 5)).astype(np.float32)
-    dst = np.eye(4)
-    dst[:3, :3] = rot
-    out = resampling.resample(torch.from_numpy(values), np.eye(4), dst, (9, 9, 5), mode="bilinear")
-    np.testing.assert_array_equal(out, _monai_resample(values, np.eye(4), dst, (9, 9, 5)))
 
 
 def test_block_mean_in_slabs_equals_one_pooling_and_applies_the_scale(monkeypatch):

@@ -19,9 +19,7 @@ Volumes (CT, MR):
 4. the output grid comes from MONAI's ``Orientation("RAS")``, ``Spacing(spacing)`` and
    ``ResizeWithPadOrCrop`` (in-plane ``size``, all slices kept) applied lazily to the original
    image's geometry, and the image is resampled onto it once with ``SpatialResample``
-   (bilinear; outside the field of view the bottom of the window/range, like air; when the
-   grids differ only by axis permutation, flips, scaling and shifts, as for every RAS-aligned
-   scan, the same trilinear interpolation runs as three 1D passes); the label
+   (bilinear; outside the field of view the bottom of the window/range, like air); the label
    map is resampled from its full-resolution grid onto the same grid with nearest neighbour
    (a direct index lookup, equivalent to ``SpatialResample(mode="nearest")``);
 5. slices: ``np.moveaxis(volume_xyz, slice_axis, 0)``; ``store_affine`` is the affine of that

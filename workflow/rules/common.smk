@@ -520,26 +520,29 @@ def finetune_args(wildcards, input):
 
 
 def finetune_seed_groups():
-    """The seed groups that finetune_seeds runs in one job each, as {name of its rule -> (seeds, tasks)}.
+    """The seed groups that finetune_seeds runs in one job each, as {name of its rule -> (seeds,
+    tasks, inits, fractions)}: only runs of the study grid, so a run asked for outside it (a
+    `predict` block's model at another fraction, say) stays one finetune_run job.
 
     `finetune.seeds_per_job` > 1 groups consecutive seeds of a task's list (so appending seeds
     adds groups and leaves the existing jobs as they are); a group of one seed is left to
-    finetune_run. Tasks with the same seed list share the rules; the first group's rule is
-    `finetune_seeds`, the next ones `finetune_seeds_2`, ...
+    finetune_run. Tasks with the same seeds, inits and fractions share the rules; the first
+    group's rule is `finetune_seeds`, the next ones `finetune_seeds_2`, ...
     """
     size = int(config["finetune"].get("seeds_per_job", 1) or 1)
     groups = {}
     if size < 2:
         return groups
     for task in study_tasks():
-        seeds = finetune_grid(task)[2]
+        inits, fractions, seeds = finetune_grid(task)
         for start in range(0, len(seeds), size):
             chunk = tuple(int(s) for s in seeds[start : start + size])
             if len(chunk) > 1:
-                groups.setdefault(chunk, []).append(task)
+                key = (chunk, tuple(inits), tuple(fraction_name(f) for f in fractions))
+                groups.setdefault(key, []).append(task)
     return {
-        "finetune_seeds" if i == 0 else f"finetune_seeds_{i + 1}": (list(chunk), tasks)
-        for i, (chunk, tasks) in enumerate(groups.items())
+        "finetune_seeds" if i == 0 else f"finetune_seeds_{i + 1}": (list(chunk), tasks, list(inits), list(fractions))
+        for i, ((chunk, inits, fractions), tasks) in enumerate(groups.items())
     }
 
 

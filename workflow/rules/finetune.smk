@@ -48,7 +48,7 @@ rule finetune_run:
 # there is no such rule. Profiles set its resources under the name finetune_seeds.
 FINETUNE_OUTPUT_FILES = ("model.pt", "model.json", "run.json", "metrics.json", "per_case.csv")
 
-for _rule_name, (_seeds, _tasks) in finetune_seed_groups().items():
+for _rule_name, (_seeds, _tasks, _inits, _fractions) in finetune_seed_groups().items():
 
     rule:
         name:
@@ -68,6 +68,8 @@ for _rule_name, (_seeds, _tasks) in finetune_seed_groups().items():
             f"{RESULTS}/benchmarks/finetune/{{task}}/{{init}}/{{fraction}}/seeds_{_seeds[0]}-{_seeds[-1]}.tsv"
         wildcard_constraints:
             task="|".join(re.escape(t) for t in _tasks),
+            init="|".join(re.escape(i) for i in _inits),
+            fraction="|".join(re.escape(f) for f in _fractions),
         params:
             settings=lambda wildcards: as_json(finetune_settings(wildcards.task)),
             slices=lambda wildcards, input: str(Path(input.index).parent),
