@@ -179,7 +179,8 @@ def test_plain_run_is_the_demo(own_study):
     assert wildcard_values(jobs, "ingest", "dataset") == DEMO_DATASETS
     assert wildcard_values(jobs, "fetch_demo", "item") == DEMO_ITEMS
     assert wildcard_values(jobs, "pretrain_method", "method") == set(DEMO["pretrain"]["methods"])
-    assert wildcard_values(jobs, "finetune_run", "task") == DEMO_TASKS
+    # the demo runs a task x init's seeds in one job (finetune.seeds_per_job: 3)
+    assert wildcard_values(jobs, "finetune_seeds", "task") == DEMO_TASKS
     assert "my_ct" not in out.stdout
 
 
