@@ -3,7 +3,8 @@
 Thin by design: parse arguments, call the stage's API, turn a :class:`MedclustError` (and a full
 disk) into one line on stderr and exit code 2, any other error into one line and exit code 1.
 ``--verbose`` shows the traceback instead.
-Stages register a ``_cmd_<name>(sub)`` function below that adds its parser and sets ``func``.
+Stages register a ``_cmd_<name>(sub)`` function that adds its parser and sets ``func``: below for the
+pipeline stages, in :mod:`medclust.cli_report` for report items, :mod:`medclust.cli_predict` for applying models.
 """
 
 from __future__ import annotations
@@ -399,221 +400,14 @@ def _cmd_study(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _cmd_plot_loss(sub: Any) -> None:
-    p = sub.add_parser("plot-loss", help="pretraining loss curves (PNG)")
-    p.add_argument("--metrics", type=Path, nargs="+", required=True, help="results/pretrain/{method}/metrics.csv")
-    p.add_argument("--out", type=Path, required=True)
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.report import plot_loss_curves, read_loss_curve
-
-        plot_loss_curves({m.parent.name: read_loss_curve(m) for m in args.metrics}, args.out)
-
-    p.set_defaults(func=run)
-
-
-def _cmd_plot_probes(sub: Any) -> None:
-    p = sub.add_parser("plot-probes", help="learning-monitor probe curves vs random init (PNG)")
-    p.add_argument("--metrics", type=Path, nargs="+", required=True, help="results/pretrain/{method}/metrics.csv")
-    p.add_argument("--out", type=Path, required=True)
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.report import plot_probe_curves, read_loss_curve
-
-        plot_probe_curves({m.parent.name: read_loss_curve(m) for m in args.metrics}, args.out)
-
-    p.set_defaults(func=run)
-
-
-def _cmd_plot_embeddings(sub: Any) -> None:
-    p = sub.add_parser("plot-embeddings", help="2D PCA map of slice/volume embeddings (PNG)")
-    p.add_argument("--embeddings", type=Path, required=True, help="results/pretrain/{method}/embeddings.npz")
-    p.add_argument("--title", default=None)
-    p.add_argument("--out", type=Path, required=True)
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.report import plot_embedding_map, read_embeddings
-
-        title = args.title or f"Validation embeddings, method {args.embeddings.parent.name} (PCA)"
-        plot_embedding_map(read_embeddings(args.embeddings), args.out, title)
-
-    p.set_defaults(func=run)
-
-
-def _cmd_plot_study(sub: Any) -> None:
-    p = sub.add_parser("plot-study", help="primary metric vs label fraction per init, or the table (PNG)")
-    p.add_argument("--table", type=Path, required=True, help="results/study/{task}.csv")
-    p.add_argument("--kind", choices=["curves", "table"], default="curves")
-    p.add_argument("--metric", default=None, help="default: the task's primary metric")
-    p.add_argument("--out", type=Path, required=True)
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.evaluate import read_study_table
-        from medclust.report import plot_study_curves, plot_study_table
-
-        rows = read_study_table(args.table)
-        if args.kind == "table":
-            plot_study_table(rows, args.out)
-        else:
-            plot_study_curves(rows, args.out, args.metric)
-
-    p.set_defaults(func=run)
-
-
-def _cmd_verdict_table(sub: Any) -> None:
-    p = sub.add_parser("verdict-table", help="does pretraining help: task x init x fraction verdicts (HTML)")
-    p.add_argument("--tables", type=Path, nargs="+", required=True, help="results/study/{task}.csv")
-    p.add_argument("--out", type=Path, required=True, help="an HTML fragment (one table)")
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.evaluate import read_study_table
-        from medclust.report import write_verdict_table
-
-        write_verdict_table([read_study_table(t) for t in args.tables], args.out)
-
-    p.set_defaults(func=run)
-
-
-def _cmd_method_comparison(sub: Any) -> None:
-    p = sub.add_parser(
-        "method-comparison",
-        help="every pretraining method side by side: clustering, probes and fine-tuning verdicts (CSV, HTML, PNG)",
-        description="One row per method (--methods order, none last): NMI/ARI/Hungarian accuracy and probe scores "
-        "per free label from each clustering.json, and per task the primary metric at the smallest label "
-        "fraction with its interval and verdict copied from the study tables.",
-    )
-    p.add_argument("--clustering", type=Path, nargs="+", required=True, help="results/pretrain/{method}/clustering.json")
-    p.add_argument("--study", type=Path, nargs="*", default=[], help="results/study/{task}.csv")
-    p.add_argument("--methods", nargs="*", default=None, help="config pretrain.methods, for the row order")
-    p.add_argument("--out-csv", type=Path, default=None, help="results/report/method_comparison.csv")
-    p.add_argument("--out-html", type=Path, default=None, help="results/report/method_comparison.html")
-    p.add_argument("--out-png", type=Path, default=None, help="results/report/method_comparison.png")
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.report.method_comparison import load_comparison, write_method_comparison
-
-        comparison = load_comparison(args.clustering, args.study, args.methods)
-        write_method_comparison(comparison, args.out_csv, args.out_html, args.out_png)
-
-    p.set_defaults(func=run)
-
-
-def _run_dirs(paths: Sequence[Path]) -> dict[str, Path]:
-    """``{init: run folder}`` from run folders (or files inside them), init read from run.json."""
-    out = {}
-    for path in paths:
-        folder = path if path.is_dir() else path.parent
-        out[str(json.loads((folder / "run.json").read_text(encoding="utf-8")).get("init"))] = folder
-    return dict(sorted(out.items(), key=lambda kv: (kv[0] != "none", kv[0])))
-
-
-def _cmd_plot_examples(sub: Any) -> None:
-    p = sub.add_parser("plot-examples", help="segmentation overlays or detection examples of runs (PNG)")
-    p.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (one per init), or files in them")
-    p.add_argument("--kind", choices=["segmentation", "detection"], required=True)
-    p.add_argument("--slices", type=Path, default=None, help="detection: results/slices/{dataset} of the test cases")
-    p.add_argument("--n", type=int, default=3, help="slices to show")
-    p.add_argument("--out", type=Path, required=True)
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.report import (
-            detection_example,
-            plot_detection_examples,
-            plot_segmentation_overlays,
-            segmentation_example,
-        )
-
-        runs = _run_dirs(args.runs)
-        if args.kind == "segmentation":
-            plot_segmentation_overlays(segmentation_example(runs, args.n), args.out)
-        else:
-            if args.slices is None:
-                raise MedclustError("plot-examples --kind detection needs --slices results/slices/{dataset}")
-            plot_detection_examples(detection_example(runs, args.slices, args.n), args.out)
-
-    p.set_defaults(func=run)
-
-
-def _cmd_plot_radiograph(sub: Any) -> None:
-    p = sub.add_parser("plot-radiograph", help="a model's predicted label map over the radiograph it came from (PNG)")
-    p.add_argument("--predicted", type=Path, required=True, help="predict.json of medclust predict (its first input is shown)")
-    p.add_argument("--model", type=Path, required=True, help="the fine-tuning run folder (class names)")
-    p.add_argument("--title", default="", help="figure title")
-    p.add_argument("--out", type=Path, required=True)
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.report.radiograph_overlay import first_prediction, model_classes, plot_radiograph_prediction
-
-        image, labels = first_prediction(args.predicted)
-        plot_radiograph_prediction(image, labels, model_classes(args.model), args.out, args.title)
-
-    p.set_defaults(func=run)
-
-
-# evaluation, study and report figures (end) ---
-
-# applying and sharing models (begin) ---
-
-
-def _cmd_predict(sub: Any) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="apply a model package (a fine-tuning run folder) to new images",
-        description="Reads and preprocesses every input exactly as the model's training data (settings from its "
-        "model.json) and writes OUT/{CASE}.nii.gz label maps on each input's own grid (segmentation; "
-        "+ CASE.seg.dcm with --dicom-seg), OUT/detections.csv (detection, RAS mm) or OUT/probabilities.csv "
-        "(classification), and OUT/predict.json + provenance.json.",
-    )
-    p.add_argument("--model", type=Path, required=True, help="run folder results/finetune/TASK/INIT/FRACTION/SEED, or a package folder / model.json")
-    p.add_argument("--input", type=Path, action="append", required=True,
-                   help="image file (NIfTI, NRRD, MHA, PNG/JPEG/TIFF, DICOM), DICOM series or image folder, or a CSV/TSV manifest; repeatable")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM SEG for DICOM inputs (segmentation, highdicom)")
-    p.add_argument("--on-bad-input", choices=["fail", "skip"], default="skip",
-                   help="fail: stop at the first bad input; skip: one line per bad input, go on (default)")
-    p.add_argument("--modality", choices=["CT", "MR", "XR"], default=None, help="force the modality (default: header, else the model's)")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass (default: the model's)")
-    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when present)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--assume-pixel-spacing", type=float, nargs=2, metavar=("ROW_MM", "COL_MM"), default=None,
-                   help="pixel size for radiographs whose header records none (e.g. PixelSpacing 0\\0)")
-
-    def run(args: argparse.Namespace) -> None:
-        import torch
-
-        from medclust.predict import predict_inputs
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        predict_inputs(args.model, args.input, args.out, on_bad_input=args.on_bad_input, dicom_seg=args.dicom_seg,
-                       modality=args.modality, batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-                       assume_pixel_spacing=args.assume_pixel_spacing)
-
-    p.set_defaults(func=run)
-
-
-def _cmd_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="export a model package (run folder) as a MONAI bundle")
-    p.add_argument("--bundle", action="store_true", required=True, help="write a MONAI bundle (configs/, models/, docs/)")
-    p.add_argument("--model", type=Path, required=True, help="fine-tuning or pretraining run folder, or a package folder / model.json")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.predict.bundle import export_bundle
-
-        print(export_bundle(args.model, args.out))
-
-    p.set_defaults(func=run)
-
-
-# applying and sharing models (end) ---
-
 # --- registry (keep last) ---------------------------------------------------------------------
 
 
 def _commands() -> list[Callable[[Any], None]]:
-    return [obj for name, obj in sorted(globals().items()) if name.startswith("_cmd_") and callable(obj)]
+    from medclust import cli_predict, cli_report  # sub-commands of the report and of applying models
+
+    found = {**globals(), **vars(cli_report), **vars(cli_predict)}
+    return [obj for name, obj in sorted(found.items()) if name.startswith("_cmd_") and callable(obj)]
 
 
 def build_parser() -> argparse.ArgumentParser:
