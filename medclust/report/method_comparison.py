@@ -373,6 +373,12 @@ def _html_table(rows: Sequence[Mapping[str, str]], columns: Sequence[str], group
     return "\n".join(out)
 
 
+def _html_section(rows: Sequence[Mapping[str, str]], columns: Sequence[str], groups: Mapping[str, str], empty: str, legend: str) -> list[str]:
+    """One table of the page (or the sentence saying why there is none) and its legend."""
+    body = f'<div style="overflow-x:auto">{_html_table(rows, columns, groups)}</div>' if columns else f"<p>{empty}</p>"
+    return [body, f'<p style="font-size:85%">{html.escape(legend)}</p>']
+
+
 def comparison_html(comparison: MethodComparison) -> str:
     """The comparison as a self-contained HTML page (inline styles, no external files)."""
     rows = table_rows(comparison)
@@ -392,25 +398,19 @@ def comparison_html(comparison: MethodComparison) -> str:
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in headline(comparison)) + "</ul>",
         "<h3>Fine-tuning: primary metric at the smallest label fraction (copied from the study tables)</h3>",
     ]
-    if task_columns:
-        out.append('<div style="overflow-x:auto">' + _html_table(rows, task_columns, task_groups) + "</div>")
-    else:
-        out.append("<p>No study table: no downstream task was configured.</p>")
-    out.append(
-        '<p style="font-size:85%">Cell: mean over seeds [interval] as the study table gives it; difference: mean '
-        "paired difference to random init (same fraction, seed and test cases) [interval]; verdict: the study "
-        f"table's. {MISSING}: the method is not in the task's fine-tuning grid.</p>"
+    out += _html_section(
+        rows, task_columns, task_groups, "No study table: no downstream task was configured.",
+        "Cell: mean over seeds [interval] as the study table gives it; difference: mean paired difference to random "
+        "init (same fraction, seed and test cases) [interval]; verdict: the study table's. "
+        f"{MISSING}: the method is not in the task's fine-tuning grid.",
     )
     out.append("<h3>Pretraining: clustering of the probe items and probes (one run per method, no interval)</h3>")
-    if label_columns:
-        out.append('<div style="overflow-x:auto">' + _html_table(rows, label_columns, label_groups) + "</div>")
-    else:
-        out.append("<p>No clustering results were reported.</p>")
-    out.append(
-        '<p style="font-size:85%">Embedding: spherical k-means of the encoder features with k = the label\'s '
-        "classes; assignments: the method's own clusters (methods without a cluster head and random init have "
-        "none). NMI, ARI and Hungarian-matched accuracy against the label; probes: out-of-fold kNN and linear "
-        f"probes. {MISSING}: not defined or not reported.</p>"
+    out += _html_section(
+        rows, label_columns, label_groups, "No clustering results were reported.",
+        "Embedding: spherical k-means of the encoder features with k = the label's classes; assignments: the "
+        "method's own clusters (methods without a cluster head and random init have none). NMI, ARI and "
+        "Hungarian-matched accuracy against the label; probes: out-of-fold kNN and linear probes. "
+        f"{MISSING}: not defined or not reported.",
     )
     out.append("</body></html>")
     return "\n".join(out) + "\n"
