@@ -54,6 +54,10 @@ def test_probe_rows_in_metrics_csv(joint_run: Path) -> None:
     assert by_step[3][col["loss"]] == "" and by_step[3][col["probe/dataset/knn"]] != ""
     assert by_step[4][col["loss"]] != "" and 0 <= float(by_step[4][col["probe/z_bin/linear"]]) <= 1
     assert by_step[3][col["probe_random/z_bin/knn"]] == by_step[4][col["probe_random/z_bin/knn"]]  # computed once
+    # dimensional collapse next to the probes: the ct dataset (36 items) has a rank, the 3 radiographs none
+    assert "rank/ct" in col and "rank_random/ct" in col and "rank/xr" not in col
+    assert 1.0 <= float(by_step[4][col["rank/ct"]]) <= 36 and by_step[2][col["rank/ct"]] == ""
+    assert by_step[3][col["rank_random/ct"]] == by_step[4][col["rank_random/ct"]]
 
 
 def test_probe_scalars_in_tensorboard(joint_run: Path) -> None:
@@ -78,6 +82,10 @@ def test_provenance_has_final_gap_and_counts(joint_run: Path) -> None:
     assert probes["labels"]["body_region"]["classes"] == {"chest": 36, "hand": 3}
     header, rows = _rows(joint_run / "metrics.csv")
     assert float(rows[-1][header.index("probe/z_bin/knn")]) == pytest.approx(z["knn"], abs=1e-5)
+    rank = probes["effective_rank"]["ct"]
+    assert float(rows[-1][header.index("rank/ct")]) == pytest.approx(rank["final"], rel=1e-5)
+    assert float(rows[-1][header.index("rank_random/ct")]) == pytest.approx(rank["random"], rel=1e-5)
+    assert rank["final"] != rank["random"]  # the trained encoder's own features, not the baseline's
 
 
 def test_random_baseline_is_the_none_encoder(joint_run: Path, stores: dict[str, Path], tmp_path: Path) -> None:
@@ -97,6 +105,9 @@ def test_random_baseline_is_the_none_encoder(joint_run: Path, stores: dict[str, 
         assert none[label]["knn"] == pytest.approx(joint[label]["random_knn"])
         assert none[label]["linear"] == pytest.approx(joint[label]["random_linear"])
         assert none[label]["gap_knn"] == 0.0
+    none_rank = none_probes["effective_rank"]["ct"]
+    joint_rank = json.loads((joint_run / "provenance.json").read_text(encoding="utf-8"))["settings"]["probes"]["effective_rank"]["ct"]
+    assert none_rank["final"] == none_rank["random"] == pytest.approx(joint_rank["random"])
     header, rows = _rows(tmp_path / "none" / "metrics.csv")
     assert header[:2] == ["step", "loss"] and len(rows) == 1 and rows[0][0] == "0"
     # clustering.json: the random init has no cluster head to score, only its embedding

@@ -1,5 +1,6 @@
 """Downstream evaluation: metrics (MONAI), run scoring, bootstrap statistics and the study table."""
 
+from medclust.evaluate.collapse import dataset_ranks, effective_rank
 from medclust.evaluate.evaluate_run import PRIMARY_METRIC, evaluate_run, summarise
 from medclust.evaluate.metrics import (
     FROC_FP_RATES,
@@ -19,6 +20,8 @@ __all__ = [
     "VERDICTS",
     "Detection",
     "Nodule",
+    "dataset_ranks",
+    "effective_rank",
     "evaluate_run",
     "froc",
     "match_detections",

@@ -8,8 +8,13 @@ The same probes of the method's seeded random initialisation (the ``none`` metho
 model is rebuilt with the run's seed) are computed once and logged beside them:
 
 - ``metrics.csv`` / TensorBoard: ``probe/<label>/<knn|linear>`` and ``probe_random/<label>/<knn|linear>``;
+- ``metrics.csv`` / TensorBoard: ``rank/<dataset>`` and ``rank_random/<dataset>``, the effective
+  rank of each dataset's probe features (:mod:`medclust.evaluate.collapse`): a rank that falls far
+  below the random encoder's says the objective is being met by a few coarse cues (dimensional
+  collapse), which is what a probe below random init usually means;
 - ``provenance.json`` (:meth:`LearningMonitor.summary`): final scores, random-init scores, their
-  gap, the protocol and how many items, cases and units each probe used.
+  gap, the final and random effective ranks, the protocol and how many items, cases and units
+  each probe used.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ from medclust.data.pretrain_datasets import PretrainCase
 from medclust.data.probe_set import ProbeSet, build_probe_set
 from medclust.errors import MedclustError
 from medclust.evaluate.cluster_quality import cluster_quality
+from medclust.evaluate.collapse import dataset_ranks
 from medclust.evaluate.probes import ProbeResult, ProbeSettings, run_probes
 from medclust.io.atomic import atomic_path
 from medclust.train.seeding import rng_state, seed_everything, set_rng_state
 
-__all__ = ["FEATURES", "LearningMonitor", "build_monitor", "finish_monitor", "probe_row"]
+__all__ = ["FEATURES", "LearningMonitor", "build_monitor", "finish_monitor", "probe_row", "rank_row"]
 
 log = logging.getLogger("medclust.monitor")
 
@@ -52,6 +58,11 @@ def probe_row(results: Mapping[str, ProbeResult], prefix: str = "probe") -> dict
         row[f"{prefix}/{label}/knn"] = float(result.knn)
         row[f"{prefix}/{label}/linear"] = float(result.linear)
     return row
+
+
+def rank_row(ranks: Mapping[str, float], prefix: str = "rank") -> dict[str, float]:
+    """``{prefix/<dataset>: effective rank}`` for metrics.csv and TensorBoard."""
+    return {f"{prefix}/{name}": float(value) for name, value in ranks.items()}
 
 
 class LearningMonitor:
@@ -95,7 +106,10 @@ class LearningMonitor:
         self.seconds = 0.0
         self.calls = 0
         self._random: dict[str, ProbeResult] | None = None
+        self._random_ranks: dict[str, float] = {}
         self.last: tuple[int, dict[str, ProbeResult]] | None = None
+        #: effective rank per dataset of the features the last :meth:`probe` call embedded
+        self.ranks: dict[str, float] = {}
 
     def _features(self, encoder: nn.Module, device: torch.device, kind: str) -> torch.Tensor:
         out = []
@@ -144,17 +158,23 @@ class LearningMonitor:
         finally:
             encoder.train(was_training)
 
-    def probe(self, model: nn.Module) -> dict[str, ProbeResult]:
-        """Run every probe on ``model``'s encoder (random state untouched)."""
+    def _probe(self, model: nn.Module) -> tuple[dict[str, ProbeResult], dict[str, float]]:
         started = time.perf_counter()
         saved = rng_state()
         try:
             ps = self.probe_set
-            results = run_probes(self.embed(model), ps.targets, ps.case, ps.z_mm, ps.dataset, self.settings)
+            features = self.embed(model)
+            results = run_probes(features, ps.targets, ps.case, ps.z_mm, ps.dataset, self.settings)
+            ranks = dataset_ranks(features, ps.dataset)
         finally:
             set_rng_state(saved)
         self.seconds += time.perf_counter() - started
         self.calls += 1
+        return results, ranks
+
+    def probe(self, model: nn.Module) -> dict[str, ProbeResult]:
+        """Run every probe on ``model``'s encoder (random state untouched); its ranks go to :attr:`ranks`."""
+        results, self.ranks = self._probe(model)
         return results
 
     @torch.no_grad()
@@ -191,13 +211,19 @@ class LearningMonitor:
             if device is not None:
                 model = model.to(device)
             self.seconds += time.perf_counter() - started
-            self._random = self.probe(model)
+            self._random, self._random_ranks = self._probe(model)
             del model
         return self._random
 
-    def set_random_results(self, results: dict[str, ProbeResult]) -> None:
-        """Use ``results`` as the random-init probes (a run that trained nothing probed its own init)."""
+    def random_ranks(self) -> dict[str, float]:
+        """Effective ranks of the random initialisation's features (after :meth:`random_results`)."""
+        self.random_results()
+        return dict(self._random_ranks)
+
+    def set_random_results(self, results: dict[str, ProbeResult], ranks: Mapping[str, float] | None = None) -> None:
+        """Use ``results`` (and ``ranks``) as the random init's (a run that trained nothing probed its own init)."""
         self._random = dict(results)
+        self._random_ranks = dict(ranks or {})
 
     def due(self, step: int) -> bool:
         """Whether ``step`` is a probing step."""
@@ -211,17 +237,30 @@ class LearningMonitor:
         random = self.random_results(device)
         results = self.probe(model)
         self.last = (step, results)
-        log.info("step %d probes: %s", step, self.describe(results, random))
-        return {**probe_row(results), **probe_row(random, "probe_random")}
+        log.info("step %d probes: %s", step, self.describe(results, random, self.ranks, self._random_ranks))
+        return {
+            **probe_row(results),
+            **probe_row(random, "probe_random"),
+            **rank_row(self.ranks),
+            **rank_row(self._random_ranks, "rank_random"),
+        }
 
     @staticmethod
-    def describe(results: Mapping[str, ProbeResult], random: Mapping[str, ProbeResult]) -> str:
-        """One log line: ``label knn/linear (random knn/linear)`` per probe."""
+    def describe(
+        results: Mapping[str, ProbeResult],
+        random: Mapping[str, ProbeResult],
+        ranks: Mapping[str, float] | None = None,
+        random_ranks: Mapping[str, float] | None = None,
+    ) -> str:
+        """One log line: ``label knn/linear (random knn/linear)`` per probe, then effective ranks."""
         parts = []
         for label, r in results.items():
             b = random.get(label)
             base = f" (random {b.knn:.3f}/{b.linear:.3f})" if b is not None else ""
             parts.append(f"{label} {r.knn:.3f}/{r.linear:.3f}{base}")
+        for name, value in (ranks or {}).items():
+            b = (random_ranks or {}).get(name)
+            parts.append(f"rank {name} {value:.1f}" + (f" (random {b:.1f})" if b is not None else ""))
         return "; ".join(parts) or "nothing to probe"
 
     def summary(self, results: Mapping[str, ProbeResult], step: int, training_seconds: float | None = None) -> dict[str, Any]:
@@ -259,6 +298,9 @@ class LearningMonitor:
             },
             "probe_set": self.probe_set.describe(),
             "labels": labels,
+            "effective_rank": {
+                name: {"final": value, "random": self._random_ranks.get(name)} for name, value in self.ranks.items()
+            },
             "seconds": round(self.seconds, 2),
             "probe_runs": self.calls,
         }
@@ -363,8 +405,13 @@ def finish_monitor(
         results = monitor.last[1]
     elif step == 0:  # nothing was trained: the model is its own random initialisation
         results = monitor.probe(model)
-        monitor.set_random_results(results)
-        row = {**probe_row(results), **probe_row(results, "probe_random")}
+        monitor.set_random_results(results, monitor.ranks)
+        row = {
+            **probe_row(results),
+            **probe_row(results, "probe_random"),
+            **rank_row(monitor.ranks),
+            **rank_row(monitor.ranks, "rank_random"),
+        }
         columns = list(metric_columns) + list(row)
         with atomic_path(Path(metrics_csv)) as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as handle:
@@ -374,5 +421,9 @@ def finish_monitor(
     else:  # a rerun after the last step (e.g. export failed): the row is in metrics.csv already
         results = monitor.probe(model.to(device) if device is not None else model)
     summary = monitor.summary(results, step, training_seconds)
-    log.info("final probes at step %d: %s", step, monitor.describe(results, monitor.random_results()))
+    log.info(
+        "final probes at step %d: %s",
+        step,
+        monitor.describe(results, monitor.random_results(), monitor.ranks, monitor.random_ranks()),
+    )
     return summary
