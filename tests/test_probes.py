@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -188,3 +190,14 @@ def test_probe_curves_figure(tmp_path: Path) -> None:
     assert out.stat().st_size > 5000
     empty = plot_probe_curves({"joint": {"step": [1], "loss": [1.0]}}, tmp_path / "none.png")
     assert empty.is_file()
+    # effective ranks get a panel per dataset beside the probes' (NaN-only datasets none)
+    from medclust.report.probe_plots import probe_figure, rank_datasets
+
+    curves["joint"].update({"rank/ct": [12.0, 3.5], "rank_random/ct": [19.0, 19.0], "rank/xr": [math.nan, math.nan]})
+    assert rank_datasets(curves) == ["ct"]
+    titles = [ax.get_title() for ax in probe_figure(curves).axes if ax.get_title()]
+    assert titles == ["structures (macro ROC AUC)", "effective rank, ct features"]
+    rank_axis = probe_figure(curves).axes[1]
+    assert [line.get_ydata()[0] for line in rank_axis.lines] == [19.0, 12.0]  # random init, then joint
+    assert [ax.get_title() for ax in probe_figure({"joint": {"step": [5], "rank/ct": [3.0]}}).axes] == ["effective rank, ct features"]
+    assert probe_figure({"joint": {"step": [1], "loss": [1.0]}}) is None
