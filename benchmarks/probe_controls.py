@@ -107,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", default="config.yaml")
     parser.add_argument("--methods", nargs="*", help="default: every results/pretrain/{method} with an encoder.pt")
+    parser.add_argument("--encoder", nargs="*", default=[], metavar="NAME=PATH", help="more encoder.pt files to score")
     parser.add_argument("--block-mm", type=float, default=40.0, help="z blocks: the control trains on even ones")
     parser.add_argument("--control-steps", type=int, default=150)
     parser.add_argument("--foreground", type=float, default=0.1, help="intensity above which a pixel is body")
@@ -132,9 +133,11 @@ def main() -> None:
 
     methods = args.methods or sorted(p.parent.name for p in (results / "pretrain").glob("*/encoder.pt") if p.parent.name != "none")
     encoders: dict[str, nn.Module] = {"random": monitor.random_model()}
-    for method in methods:
+    paths = {m: results / "pretrain" / m / "encoder.pt" for m in methods}
+    paths.update(dict(item.split("=", 1) for item in args.encoder))
+    for method, path in paths.items():
         model = monitor.random_model()
-        state = torch.load(results / "pretrain" / method / "encoder.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         model.encoder.backbone.load_state_dict(state, strict=True)
         encoders[method] = model
 
