@@ -85,12 +85,13 @@ def _cmd_simulate_drr(sub: Any) -> None:
     def run(args: argparse.Namespace) -> None:
         from medclust.preprocess.drr import simulate_drr_dataset
 
-        simulate_drr_dataset(args.cases, args.out_dir, args.settings)
+        simulate_drr_dataset(args.cases, args.out_dir, args.settings, threads=args.threads)
 
     p = sub.add_parser("simulate-drr", help="render simulated radiographs (DRRs) from the CT cases of a dataset")
     p.add_argument("--cases", required=True, type=Path, help="results/cases/SOURCE.json of the CT dataset")
     p.add_argument("--out-dir", required=True, type=Path, help="results/drr/DATASET")
     p.add_argument("--settings", type=settings_arg, default={}, help="config `drr` block as JSON (or @file)")
+    p.add_argument("--threads", type=int, default=1, help="threads that resample one view's slices (default 1)")
     p.set_defaults(func=run)
 
 

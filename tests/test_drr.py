@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from medclust.errors import MedclustError
-from medclust.preprocess.drr import drr_shape, hu_to_attenuation, render_drr, simulate_drr_dataset
+from medclust.preprocess.drr import DrrRenderer, drr_shape, hu_to_attenuation, render_drr, simulate_drr_dataset
 
 MU = 0.02
 SPACING = (0.5, 0.5, 2.0)
@@ -80,6 +80,19 @@ def test_label_projection_longest_path_and_display_orientation() -> None:
     _, label = render_drr(hu, SPACING, 90.0, MU, 1.0, labels=lab)
     assert set(np.unique(label)) == {0, 5}
     assert label[rows // 2, label.shape[1] // 2] == 5
+
+
+def test_threads_give_the_same_views() -> None:
+    hu, lab = cube_phantom()
+    hu[30:50, 25:35, 5:40] = 400.0  # something off-centre in every slab the threads split
+    lab[30:50, 25:35, 5:40] = 9
+    single = DrrRenderer(hu, SPACING, MU, lab, threads=1)
+    for threads in (2, 3, 64):  # 64 > slices: capped at one slice per thread
+        split = DrrRenderer(hu, SPACING, MU, lab, threads=threads)
+        for angle in (0.0, 37.0):
+            (a, la), (b, lb) = single.render(angle, 1.0), split.render(angle, 1.0)
+            assert np.array_equal(a, b) and np.array_equal(la, lb)
+            assert (la == 9).any() and a.max() > 0
 
 
 def test_labels_on_another_grid_are_rejected() -> None:

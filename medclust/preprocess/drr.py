@@ -29,7 +29,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,7 @@ class DrrRenderer:
         spacing_mm: voxel size (sx, sy, sz) in mm.
         mu_water: attenuation of water in 1/mm.
         labels: optional integer structure map on the same grid (0 = no structure).
+        threads: slices resampled in parallel by this many threads (same result for any number).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class DrrRenderer:
         spacing_mm: Sequence[float],
         mu_water: float = 0.02,
         labels: np.ndarray | None = None,
+        threads: int = 1,
     ) -> None:
         volume = np.asarray(hu_volume_ras)
         if volume.ndim != 3:
@@ -123,6 +126,7 @@ class DrrRenderer:
             raise MedclustError(f"render_drr: bad voxel spacing {tuple(spacing_mm)}")
         if labels is not None and np.shape(labels) != volume.shape:
             raise MedclustError(f"render_drr: label shape {np.shape(labels)} differs from image shape {volume.shape}")
+        self.threads = max(1, int(threads))
         self.shape = volume.shape
         self.spacing = tuple(float(s) for s in spacing_mm)
         # Slice-major copies: every axial slice contiguous, whatever the caller's memory order.
@@ -130,6 +134,18 @@ class DrrRenderer:
         self.codes = self.structures = None
         if labels is not None:
             self.codes, self.structures = _compact_codes(np.ascontiguousarray(np.moveaxis(np.asarray(labels), 2, 0)))
+
+    def _over_slices(self, work: Callable[[range], None], nz: int) -> None:
+        """Run ``work`` over the axial slices, split into contiguous runs across ``threads``
+        (SciPy's resampling releases the GIL; each slice's result is the same either way)."""
+        threads = max(1, min(self.threads, nz))
+        if threads == 1:
+            work(range(nz))
+            return
+        bounds = np.linspace(0, nz, threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(work, range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+                future.result()
 
     def render(self, angle_deg: float = 0.0, pixel_spacing: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
         """One DRR; see :func:`render_drr` for the arguments and the result."""
@@ -152,10 +168,14 @@ class DrrRenderer:
             ]
         )
         projection = np.empty((nz, cols), dtype=np.float32)
-        scratch = np.empty((cols, depth), dtype=np.float32)
-        for k in range(nz):
-            ndimage.affine_transform(self.mu[k], plane, plane_offset, output=scratch, order=1, mode="constant", cval=0.0)
-            projection[k] = scratch.sum(axis=1, dtype=np.float64) * ps
+
+        def project(ks: range) -> None:
+            scratch = np.empty((cols, depth), dtype=np.float32)
+            for k in ks:
+                ndimage.affine_transform(self.mu[k], plane, plane_offset, output=scratch, order=1, mode="constant", cval=0.0)
+                projection[k] = scratch.sum(axis=1, dtype=np.float64) * ps
+
+        self._over_slices(project, nz)
 
         # Along z: output row r (row 0 superior) -> input slice index.
         z_map = np.array([[-ps / sz, 0.0], [0.0, 1.0]])
@@ -169,15 +189,20 @@ class DrrRenderer:
         structures = self.structures
         n_codes = len(structures) + 1
         ray_base = np.repeat(np.arange(cols, dtype=np.int64) * n_codes, depth)
-        slice_codes = np.empty((cols, depth), dtype=self.codes.dtype)
         per_slice = np.zeros((nz, cols), dtype=np.int32)
-        for k in range(nz):
-            ndimage.affine_transform(self.codes[k], plane, plane_offset, output=slice_codes, order=0, mode="constant", cval=0)
-            # Path length per (ray, structure) in one bincount instead of one pass per structure.
-            counts = np.bincount(ray_base + slice_codes.reshape(-1), minlength=cols * n_codes).reshape(cols, n_codes)
-            counts[:, 0] = 0
-            best = counts.argmax(axis=1)
-            per_slice[k] = np.where(counts[np.arange(cols), best] > 0, best, 0)
+        codes = self.codes
+
+        def pick(ks: range) -> None:
+            slice_codes = np.empty((cols, depth), dtype=codes.dtype)
+            for k in ks:
+                ndimage.affine_transform(codes[k], plane, plane_offset, output=slice_codes, order=0, mode="constant", cval=0)
+                # Path length per (ray, structure) in one bincount instead of one pass per structure.
+                counts = np.bincount(ray_base + slice_codes.reshape(-1), minlength=cols * n_codes).reshape(cols, n_codes)
+                counts[:, 0] = 0
+                best = counts.argmax(axis=1)
+                per_slice[k] = np.where(counts[np.arange(cols), best] > 0, best, 0)
+
+        self._over_slices(pick, nz)
         picked = ndimage.affine_transform(per_slice, z_map, z_offset, output_shape=(rows, cols), order=0, mode="constant", cval=0)
         lookup = np.concatenate([[0], structures])
         label_dtype = np.uint8 if structures.size == 0 or (structures.min() >= 0 and structures.max() < 256) else np.int32
@@ -288,6 +313,7 @@ def simulate_drr_dataset(
     cases_json: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     settings: Mapping[str, Any],
+    threads: int = 1,
 ) -> Path:
     """Render DRRs for every CT case listed in an ingest ``cases`` JSON.
 
@@ -298,6 +324,7 @@ def simulate_drr_dataset(
             ``provenance.json`` and, last, ``manifest.tsv``.
         settings: the config ``drr`` block: ``angles``, ``mu_water``, ``pixel_spacing``,
             ``val_angles``, ``test_angles``.
+        threads: threads that resample the slices of one view (the views are identical for any number).
 
     Returns:
         The manifest path. Columns: image, label (paths relative to the manifest), modality
@@ -347,7 +374,7 @@ def simulate_drr_dataset(
                 raise BadInputError(label_path, f"label grid differs from image grid of {image_path}")
             label = np.rint(label).astype(np.int32)
         inputs.append(image_path)
-        renderer = DrrRenderer(volume, spacing, mu_water, label)
+        renderer = DrrRenderer(volume, spacing, mu_water, label, threads=threads)
         del volume, label
         for angle in angles:
             started = time.perf_counter()

@@ -41,12 +41,13 @@ rule simulate_radiographs:
         settings=lambda wildcards: as_json(config["drr"]),
     resources:
         **rule_resources("simulate_radiographs", mem_mb=3000, runtime=60),
-    threads: rule_threads("simulate_radiographs", 1)
+    # on the data stage's critical path (its views feed 15 preprocess jobs): 2 threads when free
+    threads: rule_threads("simulate_radiographs", 2)
     conda:
         MEDCLUST_ENV
     shell:
         "medclust simulate-drr --cases {input.cases:q} --out-dir {params.out_dir:q} "
-        "--settings {params.settings:q} > {log:q} 2>&1"
+        "--settings {params.settings:q} --threads {threads} > {log:q} 2>&1"
 
 
 # --- demo data and simulated radiographs (end) -------------------------------------------------
