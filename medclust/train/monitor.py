@@ -60,6 +60,11 @@ def probe_row(results: Mapping[str, ProbeResult], prefix: str = "probe") -> dict
     return row
 
 
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN: a value that could not be computed is null."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
 def rank_row(ranks: Mapping[str, float], prefix: str = "rank") -> dict[str, float]:
     """``{prefix/<dataset>: effective rank}`` for metrics.csv and TensorBoard."""
     return {f"{prefix}/{name}": float(value) for name, value in ranks.items()}
@@ -299,7 +304,8 @@ class LearningMonitor:
             "probe_set": self.probe_set.describe(),
             "labels": labels,
             "effective_rank": {
-                name: {"final": value, "random": self._random_ranks.get(name)} for name, value in self.ranks.items()
+                name: {"final": _finite_or_none(value), "random": _finite_or_none(self._random_ranks.get(name))}
+                for name, value in self.ranks.items()
             },
             "seconds": round(self.seconds, 2),
             "probe_runs": self.calls,
