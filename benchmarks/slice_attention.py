@@ -74,13 +74,8 @@ from monai.networks.blocks import MLPBlock
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from medclust.models.slice_attention import (
-    DeformableSliceAttention,
-    SliceAttention,
-    SliceIndex,
-    build_slice_index,
-    z_position_encoding,
-)
+from medclust.models.slice_attention import DeformableSliceAttention, SliceAttention
+from medclust.models.slice_geometry import SliceIndex, build_slice_index, z_position_encoding
 
 DENSE = ("dense", "dense-math")
 

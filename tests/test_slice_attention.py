@@ -5,11 +5,8 @@ import torch
 
 from medclust.errors import MedclustError
 from medclust.models import SliceAttention
-from medclust.models.slice_attention import (
-    build_slice_index,
-    interpolation_weights,
-    weighted_rows,
-)
+from medclust.models.slice_attention import weighted_rows
+from medclust.models.slice_geometry import build_slice_index, interpolation_weights
 
 D = 32
 

@@ -9,13 +9,8 @@ from medclust.models.prototypes import (
     normalize_prototypes_,
     set_prototypes_frozen,
 )
-from medclust.models.slice_attention import (
-    DeformableSliceAttention,
-    SliceAttention,
-    SliceAttentionLayer,
-    build_slice_index,
-    z_position_encoding,
-)
+from medclust.models.slice_attention import DeformableSliceAttention, SliceAttention, SliceAttentionLayer
+from medclust.models.slice_geometry import build_slice_index, z_position_encoding
 
 __all__ = [
     "DeformableSliceAttention",

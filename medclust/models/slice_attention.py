@@ -12,8 +12,6 @@ the attention along the feature axis and only for 64-slice volumes.
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,124 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medclust.errors import MedclustError
+from medclust.models.slice_geometry import SliceIndex, build_slice_index, interpolation_weights, z_position_encoding
 
-__all__ = [
-    "DeformableSliceAttention",
-    "SliceAttention",
-    "SliceAttentionLayer",
-    "SliceIndex",
-    "build_slice_index",
-    "interpolation_weights",
-    "weighted_rows",
-    "z_position_encoding",
-]
-
-
-class SliceIndex(NamedTuple):
-    """Per-volume lookup structure for sampling along z, built once per forward pass.
-
-    Attributes:
-        z_rel: (B, S) float32, each slice's z relative to the mean z of the real slices (0 at padding).
-        z_sorted: (B, S) float32, real slices' ``z_rel`` in ascending order, then ``+inf`` for padding.
-        order: (B, S) long, original slice index of each sorted position.
-        n_valid: (B,) long, number of real slices.
-        z_min: (B,) float32, smallest real ``z_rel`` (0 when the row has no real slice).
-        z_max: (B,) float32, largest real ``z_rel`` (0 when the row has no real slice).
-    """
-
-    z_rel: torch.Tensor
-    z_sorted: torch.Tensor
-    order: torch.Tensor
-    n_valid: torch.Tensor
-    z_min: torch.Tensor
-    z_max: torch.Tensor
-
-
-def build_slice_index(z_mm: torch.Tensor, valid: torch.Tensor) -> SliceIndex:
-    """Sort each volume's real slices by z so samples can be located with ``searchsorted``.
-
-    z is centred on the mean of the real slices so that a volume and its translated copy (or
-    two crops sharing slices) see the same relative geometry, and so float32 keeps sub-mm
-    precision even for scanner coordinates hundreds of mm from the origin.
-
-    Args:
-        z_mm: (B, S) physical slice positions in mm (any order, any spacing; padded entries ignored).
-        valid: (B, S) bool, True for real slices.
-
-    Returns:
-        A :class:`SliceIndex`.
-    """
-    valid = valid.bool()
-    z = torch.where(valid, z_mm.float(), torch.zeros((), device=z_mm.device))
-    n_valid = valid.sum(dim=1)
-    mean = z.sum(dim=1) / n_valid.clamp_min(1)
-    z_rel = torch.where(valid, z - mean[:, None], torch.zeros((), device=z.device))
-    key = torch.where(valid, z_rel, torch.full((), math.inf, device=z.device))
-    z_sorted, order = torch.sort(key, dim=1, stable=True)
-    has = n_valid > 0
-    z_min = torch.where(has, z_sorted[:, 0], torch.zeros((), device=z.device))
-    last = (n_valid - 1).clamp_min(0)[:, None]
-    z_max = torch.where(has, z_sorted.gather(1, last)[:, 0], torch.zeros((), device=z.device))
-    return SliceIndex(z_rel, z_sorted.contiguous(), order, n_valid, z_min, z_max)
-
-
-def interpolation_weights(
-    index: SliceIndex, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Locate sampling positions between neighbouring real slices.
-
-    Positions outside the real slices are clamped to the first/last real slice (border
-    padding). Differentiable with respect to ``positions`` through the returned weight.
-
-    Args:
-        index: from :func:`build_slice_index`.
-        positions: (B, M) float32 positions in the same centred mm frame as ``index.z_rel``.
-
-    Returns:
-        ``(lo, hi, w)``: (B, M) long original slice indices of the lower and upper neighbour
-        and (B, M) float32 weight of the upper one; the sample is ``(1 - w) * v[lo] + w * v[hi]``.
-        ``lo`` and ``hi`` always point at real slices (slice 0 when a row has none).
-    """
-    q = torch.minimum(torch.maximum(positions, index.z_min[:, None]), index.z_max[:, None])
-    # right=True: count of real slices at or before q, in [1, n_valid] after the clamp
-    pos = torch.searchsorted(index.z_sorted, q.detach().contiguous(), right=True)
-    n_last = (index.n_valid - 1).clamp_min(0)[:, None]
-    lo_s = (pos - 1).clamp_(min=0)
-    lo_s = torch.minimum(lo_s, n_last, out=lo_s)
-    hi_s = torch.minimum(pos, n_last, out=pos)
-    # padding sorts last as +inf; a (B, S) copy with 0 there saves masking the (B, M) gathers
-    # (only a row without any real slice reaches those entries)
-    z_fin = index.z_sorted.nan_to_num(posinf=0.0)
-    z_lo = z_fin.gather(1, lo_s)
-    denom = z_fin.gather(1, hi_s) - z_lo
-    ok = denom > 0
-    w = torch.where(ok, (q - z_lo) / torch.where(ok, denom, 1.0), 0.0)
-    lo = index.order.gather(1, lo_s)
-    hi = index.order.gather(1, hi_s)
-    return lo, hi, w
-
-
-def z_position_encoding(z_rel: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal encoding of physical positions in mm.
-
-    Wavelengths range from 2*pi mm to 2*pi*base mm, so both neighbouring slices and the
-    extent of a whole body are resolved, independently of voxel spacing.
-
-    Args:
-        z_rel: (B, S) float positions in mm.
-        dim: encoding size (the model width).
-        base: longest-to-shortest wavelength ratio.
-
-    Returns:
-        (B, S, dim) float32.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(base) * torch.arange(half, device=z_rel.device, dtype=torch.float32) / max(half, 1))
-    ang = z_rel.float()[..., None] * freqs
-    enc = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
-    if dim % 2:
-        enc = F.pad(enc, (0, 1))
-    return enc
+__all__ = ["DeformableSliceAttention", "SliceAttention", "SliceAttentionLayer", "weighted_rows"]
 
 
 class _WeightedRows(torch.autograd.Function):
