@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from medclust.io.readers import load_image
 from medclust.io.slice_store import read_case
 from medclust.io.sources import CaseEntry
-from medclust.preprocess import pipeline
+from medclust.preprocess import antialias, pipeline
 from medclust.preprocess.pipeline import PreprocessSettings, preprocess_case
 
 
@@ -21,12 +21,12 @@ def test_block_mean_in_slabs_equals_one_pooling_and_applies_the_scale(monkeypatc
     volume = rng.integers(-1024, 2000, (9, 12, 13)).astype(np.int16)  # slabs of 4, 4 and 1 plane (< 2)
     factors = (2, 3, 5)
     whole = F.avg_pool3d(torch.from_numpy(volume).float()[None, None] * 2.0 - 1024.0, factors, factors, ceil_mode=True)[0, 0]
-    monkeypatch.setattr(pipeline, "_SLAB_VOXELS", 12 * 13 * 4)
-    slabbed = pipeline._block_mean(volume, factors, scale=(2.0, -1024.0))
+    monkeypatch.setattr(antialias, "_SLAB_VOXELS", 12 * 13 * 4)
+    slabbed = antialias.block_mean(volume, factors, scale=(2.0, -1024.0))
     torch.testing.assert_close(slabbed, whole, rtol=0, atol=1e-3)
     assert tuple(slabbed.shape) == (5, 4, 3)
     unscaled = volume.astype(np.float32)
-    pipeline._block_mean(unscaled, (1, 1, 1), scale=(2.0, 1.0))
+    antialias.block_mean(unscaled, (1, 1, 1), scale=(2.0, 1.0))
     assert np.array_equal(unscaled, volume.astype(np.float32))  # a float32 input is never scaled in place
 
 
