@@ -41,7 +41,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-REPO = Path(__file__).resolve().parents[1]
+from _baseline import REPO, baseline_source  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def _plain_load(path: str, series_uid: str | None = None) -> None:
@@ -225,17 +225,6 @@ def _rss(name: str, case: Any, prep: dict) -> float:
             f"preprocess_case(CaseEntry.from_dict({case.to_dict()!r}), {prep!r}, {str(Path(tmp) / 'm.h5')!r}, {name!r})"
         )
         return _peak_rss_mb(code) - _peak_rss_mb(imports)
-
-
-def baseline_source(rev: str, dest: Path) -> Path:
-    """The ``medclust`` package of git revision ``rev``, unpacked under ``dest``."""
-    import tarfile
-
-    archive = dest / "src.tar"
-    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), rev, "medclust"], cwd=REPO, check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest / "src", filter="data")
-    return dest / "src"
 
 
 def bench_workflow(cores_list: list[int]) -> list[tuple[int, float, float, int]]:

@@ -40,13 +40,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _baseline import REPO, baseline_source  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 PROBE = REPO / "benchmarks" / "_phase_probe.py"
 
 
@@ -199,15 +198,6 @@ def _same_outputs(a: Path, b: Path) -> bool:
     wa, wb = (w.get("state_dict", w) if isinstance(w, dict) else w for w in (wa, wb))
     same_w = wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     return ma == mb and same_w
-
-
-def baseline_source(rev: str, dest: Path) -> Path:
-    """The ``medclust`` package of git revision ``rev``, unpacked under ``dest``."""
-    archive = dest / "src.tar"
-    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), rev, "medclust"], cwd=REPO, check=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest / "src", filter="data")
-    return dest / "src"
 
 
 def main() -> None:

@@ -15,30 +15,26 @@ from typing import Any
 from medclust.errors import MedclustError
 
 
-def _cmd_plot_loss(sub: Any) -> None:
-    p = sub.add_parser("plot-loss", help="pretraining loss curves (PNG)")
+def _add_metrics_plot(sub: Any, name: str, help_text: str, plot: str) -> None:
+    """A sub-command that plots the named :mod:`medclust.report` figure from pretraining metrics.csv files."""
+    p = sub.add_parser(name, help=help_text)
     p.add_argument("--metrics", type=Path, nargs="+", required=True, help="results/pretrain/{method}/metrics.csv")
     p.add_argument("--out", type=Path, required=True)
 
     def run(args: argparse.Namespace) -> None:
-        from medclust.report import plot_loss_curves, read_loss_curve
+        from medclust import report
 
-        plot_loss_curves({m.parent.name: read_loss_curve(m) for m in args.metrics}, args.out)
+        getattr(report, plot)({m.parent.name: report.read_loss_curve(m) for m in args.metrics}, args.out)
 
     p.set_defaults(func=run)
+
+
+def _cmd_plot_loss(sub: Any) -> None:
+    _add_metrics_plot(sub, "plot-loss", "pretraining loss curves (PNG)", "plot_loss_curves")
 
 
 def _cmd_plot_probes(sub: Any) -> None:
-    p = sub.add_parser("plot-probes", help="learning-monitor probe curves vs random init (PNG)")
-    p.add_argument("--metrics", type=Path, nargs="+", required=True, help="results/pretrain/{method}/metrics.csv")
-    p.add_argument("--out", type=Path, required=True)
-
-    def run(args: argparse.Namespace) -> None:
-        from medclust.report import plot_probe_curves, read_loss_curve
-
-        plot_probe_curves({m.parent.name: read_loss_curve(m) for m in args.metrics}, args.out)
-
-    p.set_defaults(func=run)
+    _add_metrics_plot(sub, "plot-probes", "learning-monitor probe curves and effective ranks vs random init (PNG)", "plot_probe_curves")
 
 
 def _cmd_plot_embeddings(sub: Any) -> None:
