@@ -60,7 +60,7 @@ def verdict_table_html(tables: Sequence[Sequence[Mapping[str, Any]]]) -> str:
     level = float(rows[0].get("ci_level", 0.95))
     head = ["task", "metric", "init vs ref", "label fraction", "paired seeds", "test cases",
             f"effect [{level:.0%} interval]", "interval method", "verdict"]  # fmt: skip
-    out = [f'<table class="medclust-verdicts" style="border-collapse:collapse;font-size:90%">', "<thead><tr>"]
+    out = ['<table class="medclust-verdicts" style="border-collapse:collapse;font-size:90%">', "<thead><tr>"]
     out += [f'<th style="{_CELL}background:#e6e6e6">{html.escape(h)}</th>' for h in head]
     out.append("</tr></thead><tbody>")
     for r in rows:
