@@ -3,7 +3,8 @@
 GDCM alone sorts whatever files it can read and averages the spacing: a missing slice, two slices
 at one position, irregular spacing or a truncated file all gave a volume with slices in the
 wrong place, and files it could not open (a broken symbolic link, a link loop, a truncated file)
-simply vanished from the series. Here every file in the folder is accounted for first:
+simply vanished from the series. Here every file in the folder is accounted for first
+(:mod:`medclust.io.dicom_headers` finds the files and reads each header):
 
 - every entry that is not hidden must open (a broken symbolic link or a link loop is an error,
   not a missing slice), every DICOM file must parse, and its pixel data must be complete
@@ -27,21 +28,19 @@ affine comes from the headers.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medclust.errors import BadInputError
+from medclust.io.dicom_headers import SliceHeader, candidate_files, read_slice_header
 from medclust.io.header_checks import check_voxel_count
 from medclust.io.image import (
     LPS_TO_RAS,
     ImageData,
     check_affine,
     format_number,
-    path_problem,
     read_failure,
     sitk_array_view,
 )
@@ -53,49 +52,12 @@ DUPLICATE_TOLERANCE_MM = 0.01
 GRID_TOLERANCE = 0.1
 # Direction cosines of two slices that agree to this are one orientation.
 ORIENTATION_TOLERANCE = 1e-3
-_PIXEL_DATA = 0x7FE00010
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-_DICOMDIR_SOP = "1.2.840.10008.1.3.10"
-_DICOM_SUFFIXES = (".dcm", ".dicom")
-# DICOM Modality values that are projection radiographs.
-_XR_MODALITIES = {"CR", "DX", "RG", "MG", "RF", "XA", "PX", "IO"}
-
-
 class DicomGapError(BadInputError):
     """A series with missing slices or irregular slice spacing.
 
     It can still be used by resampling it onto a regular grid at its true slice positions
     (``resample_gaps=True``; the config's ``dicom_gaps: resample``).
     """
-
-
-def modality_from_tag(value: str | None) -> str | None:
-    """CT, MR or XR from a DICOM ``Modality`` value (None if empty or another modality)."""
-    if not value:
-        return None
-    value = str(value).upper().strip()
-    if value in ("CT", "MR"):
-        return value
-    if value in _XR_MODALITIES:
-        return "XR"
-    return None
-
-
-@dataclass
-class SliceHeader:
-    """What one slice file's header says about its place in the volume."""
-
-    path: Path
-    series_uid: str
-    position: np.ndarray | None
-    orientation: np.ndarray | None
-    pixel_spacing: list[float] | None
-    rows: int
-    columns: int
-    frames: int
-    modality: str | None
-    thickness: float | None
-    pixels: dict[str, Any] | None = None  # how the pixel data are stored (medclust.io.dicom_pixels)
 
 
 @dataclass
@@ -145,157 +107,6 @@ class SeriesLayout:
         lps[:3, 2] = self.normal * self.step_mm
         lps[:3, 3] = self.origin_lps
         return LPS_TO_RAS @ lps
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    if path.name.lower().endswith(_DICOM_SUFFIXES):
-        return True
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def candidate_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """The DICOM files directly inside ``folder`` (hidden entries and sub-folders ignored).
-
-    Raises:
-        BadInputError: an entry that cannot be opened (broken symbolic link, link loop, no
-            permission): a slice could be missing, so the series cannot be trusted.
-    """
-    root = Path(folder)
-    found = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            continue
-        path = root / entry.name
-        problem = path_problem(path)
-        if problem is not None:
-            raise BadInputError(folder, f"{entry.name} in the series folder: {problem}")
-        if path.is_file() and _looks_like_dicom(path):
-            found.append(path)
-    return found
-
-
-def _numbers(value: Any, count: int) -> np.ndarray | None:
-    if value is None or value == "":
-        return None
-    try:
-        numbers = np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        return np.full(count, np.nan)
-    return numbers if numbers.size == count else np.full(count, np.nan)
-
-
-def _read_dataset(path: Path, folder: str | os.PathLike[str]) -> Any:
-    """pydicom dataset of one file, large values (pixel data) deferred; a file without the
-    128-byte preamble is read too (GDCM reads those), a file that is not DICOM is an error."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about harmless VR oddities
-        try:
-            return pydicom.dcmread(str(path), defer_size=256)
-        except InvalidDicomError:
-            try:
-                ds = pydicom.dcmread(str(path), defer_size=256, force=True)
-            except Exception:
-                ds = None
-            if ds is not None and "Rows" in ds and _PIXEL_DATA in ds:
-                return ds
-            raise BadInputError(folder, f"slice file {path.name} is not a DICOM file") from None
-        except Exception as err:
-            raise BadInputError(folder, f"slice file {path.name} is unreadable ({read_failure(path, err).reason})") from err
-
-
-def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader | None:
-    """The geometry of one slice file, after checking that its pixel data are complete.
-
-    Returns:
-        None for a DICOM file that is not an image (DICOMDIR, structured report ...).
-
-    Raises:
-        BadInputError: unreadable, truncated, or pixel data shorter than the header needs.
-    """
-    name = path.name
-    size = path.stat().st_size
-    if size == 0:
-        raise BadInputError(folder, f"slice file {name} is empty (0 bytes)")
-    ds = _read_dataset(path, folder)
-    if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP or "Rows" not in ds:
-        return None
-    rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if _PIXEL_DATA not in ds:
-        raise BadInputError(folder, f"slice file {name} has no pixel data (truncated?)")
-    element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
-    length = int(getattr(element, "length", _UNDEFINED_LENGTH))
-    tell = getattr(element, "value_tell", None)
-    if length != _UNDEFINED_LENGTH:
-        if tell is not None and tell + length > size:
-            raise BadInputError(
-                folder, f"slice file {name} is truncated: {size:,} bytes, its pixel data end at byte {tell + length:,}"
-            )
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is None or not syntax.is_compressed:
-            samples = int(ds.get("SamplesPerPixel") or 1)
-            needed = rows * columns * frames * samples * int(ds.get("BitsAllocated") or 16) // 8
-            if length < needed:
-                raise BadInputError(
-                    folder,
-                    f"slice file {name} holds {length:,} bytes of pixel data, its {columns}x{rows} header needs {needed:,}",
-                )
-    thickness = ds.get("SliceThickness")
-    spacing = _numbers(ds.get("PixelSpacing"), 2)
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    pixels = None
-    if tell is not None and length != _UNDEFINED_LENGTH:
-        pixels = {
-            "offset": int(tell), "length": length, "syntax": str(syntax or ""),
-            "samples": int(ds.get("SamplesPerPixel") or 1), "bits_allocated": int(ds.get("BitsAllocated") or 0),
-            "bits_stored": int(ds.get("BitsStored") or 0), "signed": int(ds.get("PixelRepresentation") or 0) == 1,
-            "photometric": str(ds.get("PhotometricInterpretation") or ""),
-            "slope": ds.get("RescaleSlope"), "intercept": ds.get("RescaleIntercept"),
-        }
-    return SliceHeader(
-        path=path,
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        position=_numbers(ds.get("ImagePositionPatient"), 3),
-        orientation=_numbers(ds.get("ImageOrientationPatient"), 6),
-        pixel_spacing=None if spacing is None else [float(v) for v in spacing],
-        rows=rows,
-        columns=columns,
-        frames=frames,
-        modality=modality_from_tag(ds.get("Modality")),
-        thickness=float(thickness) if thickness not in (None, "") else None,
-        pixels=pixels,
-    )
-
-
-def series_uids(folder: str | os.PathLike[str]) -> list[str]:
-    """SeriesInstanceUIDs of the images directly inside ``folder``, sorted (unreadable files and
-    links are left for :func:`scan_series` to report)."""
-    import pydicom
-
-    uids = set()
-    root = Path(folder)
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        path = root / entry.name
-        if entry.name.startswith(".") or path_problem(path) is not None or not path.is_file() or not _looks_like_dicom(path):
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tags = ["SeriesInstanceUID", "SOPClassUID", "Rows"]
-                ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=tags)
-        except Exception:
-            continue
-        if "Rows" in ds and str(ds.get("SOPClassUID", "")) != _DICOMDIR_SOP:
-            uids.add(str(ds.get("SeriesInstanceUID", "") or ""))
-    return sorted(uids)
 
 
 def _one_series(headers: list[SliceHeader], folder: str | os.PathLike[str], series_uid: str | None) -> list[SliceHeader]:
@@ -536,16 +347,4 @@ def read_dicom_series(
     return ImageData(array=array, affine=affine, path=str(folder), kind="dicom_series", modality=layout.modality, meta=meta)
 
 
-__all__ = [
-    "DUPLICATE_TOLERANCE_MM",
-    "GRID_TOLERANCE",
-    "DicomGapError",
-    "SeriesLayout",
-    "SliceHeader",
-    "candidate_files",
-    "modality_from_tag",
-    "read_dicom_series",
-    "read_slice_header",
-    "scan_series",
-    "series_uids",
-]
+__all__ = ["DUPLICATE_TOLERANCE_MM", "GRID_TOLERANCE", "DicomGapError", "SeriesLayout", "read_dicom_series", "scan_series"]

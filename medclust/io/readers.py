@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from medclust.errors import BadInputError
-from medclust.io.dicom_series import modality_from_tag, read_dicom_series, series_uids
+from medclust.io.dicom_headers import modality_from_tag, series_uids
+from medclust.io.dicom_series import read_dicom_series
 from medclust.io.header_checks import check_itk_file, check_nifti_file, check_voxel_count
 from medclust.io.image import (
     LPS_TO_RAS,
