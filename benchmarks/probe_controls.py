@@ -46,6 +46,7 @@ from medclust.evaluate.probes import (
     linear_scores,
     macro_auc,
     probe_units,
+    run_probes,
     unit_folds,
 )
 from medclust.train.monitor import build_monitor
@@ -155,7 +156,8 @@ def main() -> None:
     print(f"probe set: {len(ps)} items; structure columns {target.columns}; control trained on {train_rows.size} items "
           f"of even {args.block_mm:g} mm blocks for {args.control_steps} steps")
     for name, f in features.items():
-        overall = monitor.probe(encoders[name]) if name != "control" else None
+        # the monitor's own probes, on the features already embedded (not for the control: it saw half the items)
+        overall = run_probes(f, ps.targets, ps.case, ps.z_mm, ps.dataset, settings) if name != "control" else None
         line = [f"{name:>14}:"]
         if overall is not None:
             r = overall["structures"]
