@@ -6,7 +6,7 @@ import torch
 from medclust.errors import MedclustError
 from medclust.models import SliceAttention
 from medclust.models.slice_attention import weighted_rows
-from medclust.models.slice_geometry import build_slice_index, interpolation_weights
+from medclust.models.slice_geometry import _count_at_or_before, build_slice_index, interpolation_weights
 
 D = 32
 
@@ -43,6 +43,39 @@ def test_interpolation_between_valid_neighbours_non_uniform():
     torch.testing.assert_close(w[0, 2], torch.tensor(0.5))  # 3 mm into the 6 mm gap 4 -> 10
     torch.testing.assert_close(w[0, 3:], torch.zeros(3))  # at / beyond the ends: clamped
     assert 3 not in lo.tolist()[0] + hi.tolist()[0]
+
+
+def test_near_uniform_volumes_locate_samples_like_the_binary_search():
+    g = torch.Generator().manual_seed(3)
+    s = 64
+    # volumes in shuffled slice order: 2.5 mm with each slice up to 0.08 of a step off its grid
+    # point (the fitted grid's drift stays under a quarter step), 0.7 mm with its first 20 slices
+    # padded, one real slice, none
+    k = torch.arange(s, dtype=torch.float32)
+    jitter = (torch.rand(s, generator=g) - 0.5) * 0.16 * 2.5
+    perm = torch.randperm(s, generator=g)
+    z = torch.stack([k * 2.5 + jitter, k * 0.7 + 300.0, k, k])[:, perm]
+    valid = torch.ones(4, s, dtype=torch.bool)
+    valid[1] = perm >= 20
+    valid[2] = perm == 0
+    valid[3] = False
+    idx = build_slice_index(z, valid)
+    assert idx.near_uniform
+    span = (idx.z_max - idx.z_min)[:, None]
+    pos = idx.z_min[:, None] - 5.0 + (span + 10.0) * torch.rand(4, 5000, generator=g)
+    pos[:, :s] = idx.z_sorted.nan_to_num(posinf=0.0)  # exactly at slices too
+    clamped = torch.minimum(torch.maximum(pos, idx.z_min[:, None]), idx.z_max[:, None])
+    assert torch.equal(_count_at_or_before(idx, clamped), torch.searchsorted(idx.z_sorted, clamped, right=True))
+    fast = interpolation_weights(idx, pos)
+    slow = interpolation_weights(idx._replace(near_uniform=False), pos)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+    # a drift of half a step or an irregular gap: the binary search
+    wide = k * 2.5
+    wide[10] += 1.3
+    assert not build_slice_index(wide[None], torch.ones(1, s, dtype=torch.bool)).near_uniform
+    gap = torch.cat([k[:32] * 2.5, k[32:] * 2.5 + 10.0])
+    assert not build_slice_index(gap[None], torch.ones(1, s, dtype=torch.bool)).near_uniform
 
 
 @pytest.mark.parametrize("impl", ["bag", "gather"])
