@@ -30,7 +30,8 @@ class SliceIndex(NamedTuple):
         step: (B,) float32, ``(z_max - z_min) / (n_valid - 1)`` (1 for fewer than 2 real slices).
         near_uniform: every real slice of every volume lies within a quarter ``step`` of
             ``z_min + k * step``: sampling positions are then located by arithmetic
-            (:func:`interpolation_weights`) instead of a binary search.
+            (:func:`interpolation_weights`) instead of a binary search. Always False while
+            ``torch.compile`` traces (deciding needs the values on the host).
     """
 
     z_rel: torch.Tensor
@@ -70,11 +71,14 @@ def build_slice_index(z_mm: torch.Tensor, valid: torch.Tensor) -> SliceIndex:
     z_max = torch.where(has, z_sorted.gather(1, last)[:, 0], torch.zeros((), device=z.device))
     spaced = n_valid > 1
     step = torch.where(spaced, (z_max - z_min) / (n_valid - 1).clamp_min(1), torch.ones((), device=z.device))
-    k = torch.arange(z.shape[1], device=z.device)
-    drift = torch.where(k < n_valid[:, None], (z_sorted - (z_min[:, None] + k * step[:, None])).abs(), 0.0)
-    # one host sync per forward; the CT scanners' usual equal spacing (or any spacing varying by
-    # less than a quarter slice) takes the searchsorted-free path
-    near_uniform = bool(((drift <= 0.25 * step[:, None]) & (step[:, None] > 0)).all())
+    # the CT scanners' usual equal spacing (or any spacing varying by less than a quarter slice)
+    # takes the searchsorted-free path; one host sync per eager forward. A compiled graph keeps
+    # the binary search: the sync would split it (and a GPU's searchsorted is cheap)
+    near_uniform = False
+    if not torch.compiler.is_compiling():
+        k = torch.arange(z.shape[1], device=z.device)
+        drift = torch.where(k < n_valid[:, None], (z_sorted - (z_min[:, None] + k * step[:, None])).abs(), 0.0)
+        near_uniform = bool(((drift <= 0.25 * step[:, None]) & (step[:, None] > 0)).all())
     return SliceIndex(z_rel, z_sorted.contiguous(), order, n_valid, z_min, z_max, step, near_uniform)
 
 
