@@ -178,6 +178,21 @@ def test_weighted_rows_gradients(row_dtype):
     assert gt[[3, 4]].abs().sum() == 0  # never read: no gradient
 
 
+@pytest.mark.parametrize("table_rows", [32768, 40000])
+def test_weighted_rows_table_gradient_at_and_past_the_int16_sort(table_rows):
+    """Up to 32768 table rows the backward sorts int16 keys; past it int32: rows above 32767 included."""
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(table_rows, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    rows = torch.randint(table_rows - 300, table_rows, (200, 4), generator=g)
+    rows[:50] = torch.randint(0, 300, (50, 4), generator=g)
+    coeff = torch.rand(200, 4, dtype=torch.float64, generator=g)
+    weight = torch.randn(200, 3, dtype=torch.float64, generator=g)
+    (got,) = torch.autograd.grad((weighted_rows(table, rows.to(torch.int32), coeff) * weight).sum(), table)
+    (ref,) = torch.autograd.grad(((table[rows] * coeff[..., None]).sum(1) * weight).sum(), table)
+    torch.testing.assert_close(got, ref)
+    assert rows.max() >= 32767 and got[rows.max()].abs().sum() > 0  # the top of the int16 range is read
+
+
 def test_recompute_keeps_less_for_backward_with_same_result():
     """Recomputing the values in backward is exact and drops two (B, S, D) activations per layer."""
     tokens, z, valid = _volume(64, b=2)
