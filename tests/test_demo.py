@@ -18,17 +18,10 @@ import pytest
 
 from medclust.cli import main
 from medclust.errors import MedclustError
-from medclust.io import demo
-from medclust.io.demo import (
-    WHEELS,
-    WMPARC_TISSUE,
-    PinnedWheel,
-    ensure_wheel,
-    fetch_demo,
-    is_complete,
-    tissue_from_probabilities,
-    wmparc_to_tissue,
-)
+from medclust.io import wheels
+from medclust.io.brain_tissue import WMPARC_TISSUE, tissue_from_probabilities, wmparc_to_tissue
+from medclust.io.demo import WHEELS, fetch_demo, is_complete
+from medclust.io.wheels import PinnedWheel, ensure_wheel
 
 METADATA = "Metadata-Version: 2.1\nName: {name}\nVersion: {version}\nLicense: MIT\n\n"
 
@@ -255,7 +248,7 @@ def test_pip_failure_names_the_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
     with pytest.raises(MedclustError, match=r"wheel nilearn-0\.14\.1-py3-none-any\.whl: pip download failed \(exit 1\): ERROR: Could not find"):
-        demo.pip_download(WHEELS["nilearn==0.14.1"], tmp_path)
+        wheels.pip_download(WHEELS["nilearn==0.14.1"], tmp_path)
 
 
 @pytest.mark.slow

