@@ -10,7 +10,9 @@ from medclust.train.optim import LARS, build_optimizer, default_param_groups
 from medclust.train.schedule import build_scheduler, warmup_cosine_factor
 from medclust.train.seeding import derive_seed, loader_generator, rng_state, seed_everything, set_rng_state, worker_init_fn
 from medclust.train.signals import SignalFlag, TrainingInterrupted
-from medclust.train.trainer import Trainer, TrainerConfig, TrainTask, move_to_device
+from medclust.train.task import TrainTask
+from medclust.train.trainer import Trainer, move_to_device
+from medclust.train.trainer_config import TrainerConfig
 
 __all__ = [
     "LARS",
