@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,12 +124,7 @@ def normalise_modality(value: str | None) -> str | None:
     Raises:
         ValueError: a non-empty value that is not a known modality.
     """
-    if value is None or str(value).strip() == "":
-        return None
-    key = str(value).strip().upper()
-    if key not in _MODALITY_ALIASES:
-        raise ValueError(f"unknown modality {value!r} (expected CT, MR or XR)")
-    return _MODALITY_ALIASES[key]
+    return _alias(value, _MODALITY_ALIASES, str.upper, "unknown modality {!r} (expected CT, MR or XR)")
 
 
 def normalise_split(value: str | None) -> str | None:
@@ -138,9 +133,14 @@ def normalise_split(value: str | None) -> str | None:
     Raises:
         ValueError: a non-empty value that is not a split name.
     """
+    return _alias(value, _SPLIT_ALIASES, str.lower, "split {!r} is not train, val or test")
+
+
+def _alias(value: str | None, aliases: Mapping[str, str], fold: Callable[[str], str], problem: str) -> str | None:
+    """``aliases[fold(value)]`` (stripped); None for an empty value; ValueError(problem) if unknown."""
     if value is None or str(value).strip() == "":
         return None
-    key = str(value).strip().lower()
-    if key not in _SPLIT_ALIASES:
-        raise ValueError(f"split {value!r} is not train, val or test")
-    return _SPLIT_ALIASES[key]
+    key = fold(str(value).strip())
+    if key not in aliases:
+        raise ValueError(problem.format(value))
+    return aliases[key]

@@ -19,12 +19,12 @@ import numpy as np
 from medclust.errors import BadInputError
 from medclust.io.image import path_problem, read_failure
 
-__all__ = ["SliceHeader", "candidate_files", "modality_from_tag", "read_slice_header", "series_uids"]
+__all__ = ["DICOM_SUFFIXES", "SliceHeader", "candidate_files", "is_dicom_file", "modality_from_tag", "read_slice_header", "series_uids"]
 
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
-_DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 # DICOM Modality values that are projection radiographs.
 _XR_MODALITIES = {"CR", "DX", "RG", "MG", "RF", "XA", "PX", "IO"}
 
@@ -59,8 +59,12 @@ class SliceHeader:
     pixels: dict[str, Any] | None = None  # how the pixel data are stored (medclust.io.dicom_pixels)
 
 
-def _looks_like_dicom(path: Path) -> bool:
-    if path.name.lower().endswith(_DICOM_SUFFIXES):
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a file with the DICOM suffix or the ``DICM`` preamble marker."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.name.lower().endswith(DICOM_SUFFIXES):
         return True
     try:
         with open(path, "rb") as handle:
@@ -86,7 +90,7 @@ def candidate_files(folder: str | os.PathLike[str]) -> list[Path]:
         problem = path_problem(path)
         if problem is not None:
             raise BadInputError(folder, f"{entry.name} in the series folder: {problem}")
-        if path.is_file() and _looks_like_dicom(path):
+        if is_dicom_file(path):
             found.append(path)
     return found
 
@@ -196,7 +200,7 @@ def series_uids(folder: str | os.PathLike[str]) -> list[str]:
     root = Path(folder)
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         path = root / entry.name
-        if entry.name.startswith(".") or path_problem(path) is not None or not path.is_file() or not _looks_like_dicom(path):
+        if entry.name.startswith(".") or path_problem(path) is not None or not is_dicom_file(path):
             continue
         try:
             with warnings.catch_warnings():

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from medclust.errors import BadInputError
-from medclust.io.dicom_headers import modality_from_tag, series_uids
+from medclust.io.dicom_headers import DICOM_SUFFIXES, is_dicom_file, modality_from_tag, series_uids
 from medclust.io.dicom_series import read_dicom_series
 from medclust.io.header_checks import check_itk_file, check_nifti_file, check_voxel_count
 from medclust.io.image import (
@@ -56,7 +56,6 @@ from medclust.io.image import (
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DICOM_SUFFIXES = (".dcm", ".dicom")
 
 # Compressed NIfTI files up to this size are read into memory whole (see read_nifti).
 _WHOLE_FILE_LIMIT = 1 << 30
@@ -64,21 +63,6 @@ _WHOLE_FILE_LIMIT = 1 << 30
 
 def _lower_name(path: str | os.PathLike[str]) -> str:
     return Path(path).name.lower()
-
-
-def is_dicom_file(path: str | os.PathLike[str]) -> bool:
-    """True if ``path`` is a file with the DICOM suffix or the ``DICM`` preamble marker."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    if _lower_name(path).endswith(DICOM_SUFFIXES):
-        return True
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def image_kind(path: str | os.PathLike[str]) -> str:
