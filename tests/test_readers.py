@@ -176,3 +176,14 @@ def test_case_ids_are_sanitised():
     assert sanitize_case_id("LIDC IDRI/0001 (ct)") == "LIDC_IDRI_0001_ct"
     assert sanitize_case_id("__") == "case"
     assert Path(sanitize_case_id("a.b-c")).name == "a.b-c"
+
+
+def test_modality_and_split_names_fold_to_the_canonical_ones():
+    from medclust.io.case_entry import normalise_modality, normalise_split
+
+    assert [normalise_modality(v) for v in (" mri ", "T1w", "dx", "X-ray", "ct", "", None)] == ["MR", "MR", "XR", "XR", "CT", None, None]
+    assert [normalise_split(v) for v in ("Training", " VAL ", "ts", "", None)] == ["train", "val", "test", None, None]
+    with pytest.raises(ValueError, match=r"unknown modality 'PET' \(expected CT, MR or XR\)"):
+        normalise_modality("PET")
+    with pytest.raises(ValueError, match="split 'holdout' is not train, val or test"):
+        normalise_split("holdout")
