@@ -70,6 +70,10 @@ def test_near_uniform_volumes_locate_samples_like_the_binary_search():
     slow = interpolation_weights(idx._replace(near_uniform=False), pos)
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
+    # a NaN position (a broken offset) stays NaN on both paths, whatever slices it points at
+    nan = torch.full((4, 1), float("nan"))
+    assert interpolation_weights(idx, nan)[2].isnan().all()
+    assert interpolation_weights(idx._replace(near_uniform=False), nan)[2].isnan().all()
     # a drift of half a step or an irregular gap: the binary search
     wide = k * 2.5
     wide[10] += 1.3

@@ -97,7 +97,8 @@ def interpolation_weights(
     Returns:
         ``(lo, hi, w)``: (B, M) long original slice indices of the lower and upper neighbour
         and (B, M) float32 weight of the upper one; the sample is ``(1 - w) * v[lo] + w * v[hi]``.
-        ``lo`` and ``hi`` always point at real slices (slice 0 when a row has none).
+        ``lo`` and ``hi`` always point at real slices (slice 0 when a row has none); a NaN
+        position gets a NaN weight.
     """
     q = torch.minimum(torch.maximum(positions, index.z_min[:, None]), index.z_max[:, None])
     pos = _count_at_or_before(index, q.detach().contiguous())  # in [1, n_valid] after the clamp
@@ -111,7 +112,9 @@ def interpolation_weights(
     z_lo = z_fin.gather(1, lo_s)
     denom = z_fin.gather(1, hi_s) - z_lo
     ok = denom > 0
-    w = torch.where(ok, (q - z_lo) / torch.where(ok, denom, 1.0), 0.0)
+    # 0 where the neighbours coincide (ends, one real slice); q - q keeps a NaN position NaN,
+    # so a broken offset shows up as a non-finite loss instead of a quiet read of slice 0 or n-1
+    w = torch.where(ok, (q - z_lo) / torch.where(ok, denom, 1.0), q - q)
     lo = index.order.gather(1, lo_s)
     hi = index.order.gather(1, hi_s)
     return lo, hi, w
