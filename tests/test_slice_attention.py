@@ -74,6 +74,8 @@ def test_near_uniform_volumes_locate_samples_like_the_binary_search():
     nan = torch.full((4, 1), float("nan"))
     assert interpolation_weights(idx, nan)[2].isnan().all()
     assert interpolation_weights(idx._replace(near_uniform=False), nan)[2].isnan().all()
+    # off the CPU (here the meta device, as a stand-in for a GPU) no host sync: the binary search
+    assert not build_slice_index(z.to("meta"), valid.to("meta")).near_uniform
     # a drift of half a step or an irregular gap: the binary search
     wide = k * 2.5
     wide[10] += 1.3

@@ -30,8 +30,8 @@ class SliceIndex(NamedTuple):
         step: (B,) float32, ``(z_max - z_min) / (n_valid - 1)`` (1 for fewer than 2 real slices).
         near_uniform: every real slice of every volume lies within a quarter ``step`` of
             ``z_min + k * step``: sampling positions are then located by arithmetic
-            (:func:`interpolation_weights`) instead of a binary search. Always False while
-            ``torch.compile`` traces (deciding needs the values on the host).
+            (:func:`interpolation_weights`) instead of a binary search. Only decided for CPU
+            tensors outside ``torch.compile`` (it needs the values on the host); False otherwise.
     """
 
     z_rel: torch.Tensor
@@ -71,11 +71,12 @@ def build_slice_index(z_mm: torch.Tensor, valid: torch.Tensor) -> SliceIndex:
     z_max = torch.where(has, z_sorted.gather(1, last)[:, 0], torch.zeros((), device=z.device))
     spaced = n_valid > 1
     step = torch.where(spaced, (z_max - z_min) / (n_valid - 1).clamp_min(1), torch.ones((), device=z.device))
-    # the CT scanners' usual equal spacing (or any spacing varying by less than a quarter slice)
-    # takes the searchsorted-free path; one host sync per eager forward. A compiled graph keeps
-    # the binary search: the sync would split it (and a GPU's searchsorted is cheap)
+    # on the CPU, the CT scanners' usual equal spacing (or any spacing varying by less than a
+    # quarter slice) takes the searchsorted-free path, for one host sync per forward. A GPU's
+    # searchsorted is cheap and the sync is not, and a compiled graph would be split by it: both
+    # keep the binary search
     near_uniform = False
-    if not torch.compiler.is_compiling():
+    if z.device.type == "cpu" and not torch.compiler.is_compiling():
         k = torch.arange(z.shape[1], device=z.device)
         drift = torch.where(k < n_valid[:, None], (z_sorted - (z_min[:, None] + k * step[:, None])).abs(), 0.0)
         near_uniform = bool(((drift <= 0.25 * step[:, None]) & (step[:, None] > 0)).all())
