@@ -37,8 +37,7 @@ def effective_rank(features: torch.Tensor | np.ndarray, center: bool = True) -> 
         ``exp(-sum p_k log p_k)`` with ``p_k = s_k / sum(s) + eps`` over the singular values
         ``s_k``; NaN for fewer than 2 items or features that do not vary.
     """
-    x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
-    x = x.detach().to("cpu", torch.float64)
+    x = torch.as_tensor(features).detach().to("cpu", torch.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         return float("nan")
     if center:
@@ -65,7 +64,7 @@ def dataset_ranks(
         Dataset name -> effective rank, in sorted name order.
     """
     names = np.asarray(dataset)
-    x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+    x = torch.as_tensor(features)
     out = {}
     for name in sorted(set(names.tolist())):
         rows = np.flatnonzero(names == name)
