@@ -5,8 +5,11 @@ same layer norms, projections and FFN) and the attention operator alone.
 
 Block level. All models are the same pre-norm transformer (2 layers, d_model=128, 4 heads,
 FFN x2, the same z position encoding, final LayerNorm); only the attention differs:
-  - ours:   medclust SliceAttention with its defaults (4 points per head here; fused sampling;
-            values recomputed in backward from 1024 tokens B*S on, i.e. S >= 512 here),
+  - ours:   medclust SliceAttention with its defaults (4 points per head here; on the CPU the
+            compiled sampling kernel, medclust.models.native; values recomputed in backward from
+            1024 tokens B*S on, i.e. S >= 512 here),
+  - ours-bag: the same on its PyTorch path (impl="bag": what a GPU, autocast or torch.compile
+            runs, and the CPU without a C compiler),
   - ours-g: the same with plain gather sampling and nothing recomputed (the reference: it
             materialises the (B,S,H,2P,Dh) samples),
   - dense:  qkv projection + torch.nn.functional.scaled_dot_product_attention + out projection,
@@ -20,7 +23,8 @@ FFN x2, the same z position encoding, final LayerNorm); only the attention diffe
 Operator level (--op-sizes, default 512 2048 8192): one layer's attention operator alone, from
 its query/value tensors to the result before the output projection, on the same numbers:
   - ours:   DeformableSliceAttention.attend of the block model's first layer (the code path its
-            forward runs): offset and weight prediction from the query, the z interpolation,
+            forward runs; ours-bag: the same weights on the PyTorch path): offset and weight
+            prediction from the query, the z interpolation,
             the gather of value rows and the weighted sum over points and heads. Not in it: the
             value and output projections, the slice index (sorted z; built once per forward and
             shared by all layers, like dense's key mask; its time is printed), and recomputation
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import itertools
 import math
 import os
@@ -188,8 +193,12 @@ def op_models(attn: DeformableSliceAttention, s: int, batch: int, padding: float
     def heads_last(t: torch.Tensor) -> torch.Tensor:
         return t.transpose(1, 2).reshape(batch, s, h * dh)
 
+    bag = copy.deepcopy(attn)
+    bag.impl = "bag"
+    index = build_slice_index(z, valid)
     return {
-        "ours": AttendOp(attn, heads_last(q), heads_last(v), build_slice_index(z, valid)),
+        "ours": AttendOp(attn, heads_last(q), heads_last(v), index),
+        "ours-bag": AttendOp(bag, heads_last(q), heads_last(v), index),
         "dense": SDPAOp(q, k, v, key_mask),
         "dense-math": SDPAOp(q.clone(), k.clone(), v.clone(), key_mask, math=True),
     }
@@ -313,11 +322,13 @@ def main() -> None:
     d, h, p, n_layers = args.d_model, args.heads, args.points, args.layers
     models = {
         "ours": SliceAttention(d, h, p, n_layers),
+        "ours-bag": SliceAttention(d, h, p, n_layers, impl="bag"),
         "ours-g": SliceAttention(d, h, p, n_layers, impl="gather", recompute_min_tokens=None),
         "dense": DenseSliceTransformer(d, h, n_layers),
         "dense-math": DenseSliceTransformer(d, h, n_layers, math=True),
         "floor": floor_model(d, h, p, n_layers),
     }
+    models["ours-bag"].load_state_dict(models["ours"].state_dict())
     models = {k: m.to(device).train() for k, m in models.items()}
     params = {k: sum(q.numel() for q in m.parameters()) for k, m in models.items()}
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -373,7 +384,7 @@ def main() -> None:
     op_ref = _ref(op_times)
     op_keys = "op_time_ratio_2048=nan op_mem_ratio_2048=nan"
     if args.op_sizes:
-        op_names = ["ours", *DENSE]
+        op_names = ["ours", "ours-bag", *DENSE]
         print("\n=== operator level: one layer's attention alone, from q/k/v (ours: query/value) to the result "
               "before the output projection ===")
         _table("forward+backward time", "ms", args.op_sizes, op_times, op_names)

@@ -84,7 +84,7 @@ def test_near_uniform_volumes_locate_samples_like_the_binary_search():
     assert not build_slice_index(gap[None], torch.ones(1, s, dtype=torch.bool)).near_uniform
 
 
-@pytest.mark.parametrize("impl", ["bag", "gather"])
+@pytest.mark.parametrize("impl", ["native", "bag", "gather"])
 def test_padding_with_garbage_does_not_change_real_outputs(impl):
     m = _model(impl=impl)
     tokens, z, valid = _volume(7)
@@ -227,7 +227,7 @@ def test_recompute_keeps_less_for_backward_with_same_result():
     assert saved[False] - saved[True] >= 2 * per_layer  # two layers
 
 
-@pytest.mark.parametrize("impl", ["bag", "gather"])
+@pytest.mark.parametrize("impl", ["native", "bag", "gather"])
 def test_attend_is_the_operator_inside_forward(impl):
     """forward is exactly out_proj(attend(query, value_proj(query))): outputs and all gradients."""
     attn = _model(impl=impl, recompute_min_tokens=None).layers[0].attn

@@ -12,7 +12,6 @@ the attention along the feature axis and only for 64-slice volumes.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock
@@ -20,9 +19,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medclust.errors import MedclustError
+from medclust.models.native import native_sampling_available, native_sampling_supports, sample_slices_native
 from medclust.models.slice_geometry import SliceIndex, build_slice_index, interpolation_weights, z_position_encoding
 
-__all__ = ["DeformableSliceAttention", "SliceAttention", "SliceAttentionLayer", "weighted_rows"]
+__all__ = ["IMPLS", "DeformableSliceAttention", "SliceAttention", "SliceAttentionLayer", "weighted_rows"]
+
+IMPLS = ("auto", "native", "bag", "gather")
 
 
 class _WeightedRows(torch.autograd.Function):
@@ -102,8 +104,12 @@ class DeformableSliceAttention(nn.Module):
         max_offset_mm: bound on |offset|.
         init_span_mm: initial offsets spread head h's points evenly over
             ``+-init_span_mm * (h + 1) / H`` so heads start at different ranges.
-        impl: ``"bag"`` (fused gather+weighted sum, :func:`weighted_rows`: never materialises
-            the (B, S, H, 2P, D/H) samples) or ``"gather"`` (plain indexing; reference).
+        impl: how values are sampled. ``"auto"`` (default): the compiled CPU kernel
+            (:mod:`medclust.models.native`: interpolation, gather and weighted sum in one pass
+            each way) for CPU float32 tokens when it builds, else ``"bag"``. ``"native"``: that
+            kernel or an error. ``"bag"``: PyTorch ops, the fused gather+weighted sum
+            :func:`weighted_rows` (never materialises the (B, S, H, 2P, D/H) samples; the path
+            for GPUs, autocast and torch.compile). ``"gather"``: plain indexing (reference).
         recompute_min_tokens: when training on at least this many tokens (B * S), recompute the
             value projection and the sampled values in backward instead of keeping them: two
             (B, S, D) activations per layer less, for the forward of the value and output
@@ -119,14 +125,14 @@ class DeformableSliceAttention(nn.Module):
         points: int = 4,
         max_offset_mm: float = 100.0,
         init_span_mm: float = 20.0,
-        impl: str = "bag",
+        impl: str = "auto",
         recompute_min_tokens: int | None = 1024,
     ) -> None:
         super().__init__()
         if d_model % heads:
             raise MedclustError(f"SliceAttention: d_model={d_model} is not divisible by heads={heads}")
-        if impl not in ("bag", "gather"):
-            raise MedclustError(f"SliceAttention: impl must be 'bag' or 'gather', got {impl!r}")
+        if impl not in IMPLS:
+            raise MedclustError(f"SliceAttention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
         if max_offset_mm <= 0:
             raise MedclustError(f"SliceAttention: max_offset_mm must be positive, got {max_offset_mm}")
         self.d_model, self.heads, self.points = d_model, heads, points
@@ -176,31 +182,21 @@ class DeformableSliceAttention(nn.Module):
         # which makes this 1.5-2x faster than over a last dimension of only P values
         return offsets, logits.transpose(-1, -2).softmax(dim=-2).transpose(-1, -2)
 
-    def sample_values(self, value: torch.Tensor, rows: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-        """Weighted sums of the sampled value rows: the gather and the sum over points.
+    def sampling_positions(self, query: torch.Tensor, index: SliceIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each query's heads read (mm, in ``index.z_rel``'s frame) and with what weight.
 
         Args:
-            value: (B, S, D) projected values (head h in channels ``h * D/H`` to ``(h + 1) * D/H``).
-            rows, coeff: from :meth:`sampling_rows` for the same volumes.
+            query: (B, S, D) normalised tokens.
+            index: from :func:`build_slice_index` for the same volumes.
 
         Returns:
-            (B, S, D): per slice, the heads' results side by side (before the output projection).
+            positions (B, S, H, P) float32 and attention weights (B, S, H, P) summing to 1 over P.
         """
-        b, s, d = value.shape
-        table = value.reshape(b * s * self.heads, self.head_dim)
-        coeff = coeff.to(table.dtype)
-        if self.impl == "bag":
-            out = weighted_rows(table, rows, coeff)
-        else:
-            out = (table[rows.reshape(-1)].view(*rows.shape, self.head_dim) * coeff[..., None]).sum(1)
-        return out.view(b, s, d)
-
-    def _sample(self, query: torch.Tensor, rows: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
-        """Value projection, weighted sampling of the value rows, output projection."""
-        return self.out_proj(self.sample_values(self.value_proj(query), rows, coeff))
+        offsets, attn = self.offsets_and_weights(query)
+        return index.z_rel[:, :, None, None] + offsets, attn
 
     def sampling_rows(self, query: torch.Tensor, index: SliceIndex) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each query's heads read and with what weight: offsets, weights, interpolation.
+        """The PyTorch path's sampling plan: rows of the value table and their weights.
 
         Args:
             query: (B, S, D) normalised tokens.
@@ -213,8 +209,7 @@ class DeformableSliceAttention(nn.Module):
         """
         b, s, _ = query.shape
         h, p = self.heads, self.points
-        offsets, attn = self.offsets_and_weights(query)
-        positions = index.z_rel[:, :, None, None] + offsets  # (B,S,H,P) float32
+        positions, attn = self.sampling_positions(query, index)
         lo, hi, w = interpolation_weights(index, positions.reshape(b, s * h * p))
         lo, hi, w = lo.view(b, s, h, p), hi.view(b, s, h, p), w.view(b, s, h, p)
         # rows of the flattened (B*S*H, Dh) value table: ((b * S + slice) * H + head)
@@ -225,6 +220,58 @@ class DeformableSliceAttention(nn.Module):
             rows = rows.to(torch.int32)  # kept for backward: half the bytes of int64
         coeff = torch.cat([attn * (1.0 - w), attn * w], dim=-1).view(b * s * h, 2 * p)
         return rows, coeff
+
+    def uses_native(self, query: torch.Tensor) -> bool:
+        """Whether these tokens go through the compiled CPU kernel (see ``impl``).
+
+        Raises:
+            MedclustError: ``impl="native"`` but the kernel cannot take these tokens or is not built.
+        """
+        if self.impl == "native":
+            if not native_sampling_supports(query):
+                raise MedclustError(
+                    f"SliceAttention: impl='native' takes CPU float32 tokens outside autocast and torch.compile, "
+                    f"got {query.dtype} on {query.device.type}"
+                )
+            if not native_sampling_available():
+                raise MedclustError("SliceAttention: impl='native' but the compiled kernel could not be built (see the warning)")
+            return True
+        return self.impl == "auto" and native_sampling_supports(query) and native_sampling_available()
+
+    def plan(self, query: torch.Tensor, index: SliceIndex, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sampling_positions`` for the compiled kernel, else ``sampling_rows``."""
+        return self.sampling_positions(query, index) if native else self.sampling_rows(query, index)
+
+    def sample_values(
+        self, value: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], index: SliceIndex, native: bool
+    ) -> torch.Tensor:
+        """Weighted sums of the values sampled along z: the gather and the sum over points.
+
+        Args:
+            value: (B, S, D) projected values (head h in channels ``h * D/H`` to ``(h + 1) * D/H``).
+            plan: from :meth:`plan` for the same volumes and ``native``.
+            index: from :func:`build_slice_index` for the same volumes.
+            native: whether ``plan`` is for the compiled kernel.
+
+        Returns:
+            (B, S, D): per slice, the heads' results side by side (before the output projection).
+        """
+        b, s, d = value.shape
+        table = value.reshape(b * s * self.heads, self.head_dim)
+        if native:
+            out = sample_slices_native(table, *plan, index, self.heads)
+        else:
+            rows, coeff = plan
+            coeff = coeff.to(table.dtype)
+            if self.impl == "gather":
+                out = (table[rows.reshape(-1)].view(*rows.shape, self.head_dim) * coeff[..., None]).sum(1)
+            else:
+                out = weighted_rows(table, rows, coeff)
+        return out.view(b, s, d)
+
+    def _sample(self, query: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor], index: SliceIndex, native: bool) -> torch.Tensor:
+        """Value projection, weighted sampling of the value rows, output projection."""
+        return self.out_proj(self.sample_values(self.value_proj(query), plan, index, native))
 
     def attend(self, query: torch.Tensor, value: torch.Tensor, index: SliceIndex) -> torch.Tensor:
         """The attention operator alone, without the value and output projections.
@@ -242,8 +289,8 @@ class DeformableSliceAttention(nn.Module):
         Returns:
             (B, S, D); ``out_proj(attend(query, value_proj(query), index))`` is :meth:`forward`.
         """
-        rows, coeff = self.sampling_rows(query, index)
-        return self.sample_values(value, rows, coeff)
+        native = self.uses_native(value)
+        return self.sample_values(value, self.plan(query, index, native), index, native)
 
     def forward(self, query: torch.Tensor, index: SliceIndex) -> torch.Tensor:
         """Attend across slices.
@@ -256,12 +303,13 @@ class DeformableSliceAttention(nn.Module):
             (B, S, D).
         """
         b, s, _ = query.shape
-        rows, coeff = self.sampling_rows(query, index)
+        native = self.uses_native(query)
+        plan = self.plan(query, index, native)
         if self.recompute_min_tokens is not None and b * s >= self.recompute_min_tokens and torch.is_grad_enabled():
             # the values and the sampled values are recomputed in backward instead of kept:
             # 2 of the ~7 (B, S, D) activations a layer would otherwise hold for it
-            return checkpoint(self._sample, query, rows, coeff, use_reentrant=False)
-        return self._sample(query, rows, coeff)
+            return checkpoint(self._sample, query, plan, index, native, use_reentrant=False)
+        return self._sample(query, plan, index, native)
 
 
 class SliceAttentionLayer(nn.Module):
@@ -288,7 +336,7 @@ class SliceAttentionLayer(nn.Module):
         dropout: float = 0.0,
         max_offset_mm: float = 100.0,
         init_span_mm: float = 20.0,
-        impl: str = "bag",
+        impl: str = "auto",
         recompute_min_tokens: int | None = 1024,
     ) -> None:
         super().__init__()
@@ -326,7 +374,7 @@ class SliceAttention(nn.Module):
             ``pos_scale * sqrt(D / 2)``. At full scale the encoding of a view's slice positions
             dominates its volume embedding, and two views with unrelated content but similar
             geometry would already match; small at first, position is what the model learns to use.
-        impl: ``"bag"`` (default, fused) or ``"gather"`` (reference) sampling.
+        impl: value sampling, see :class:`DeformableSliceAttention` (default ``"auto"``).
         recompute_min_tokens: from this many tokens (B * S) on, each layer recomputes its
             values in backward instead of keeping them (see :class:`DeformableSliceAttention`).
 
@@ -349,7 +397,7 @@ class SliceAttention(nn.Module):
         init_span_mm: float = 20.0,
         pos_base: float = 10000.0,
         pos_scale: float = 0.05,
-        impl: str = "bag",
+        impl: str = "auto",
         recompute_min_tokens: int | None = 1024,
     ) -> None:
         super().__init__()
