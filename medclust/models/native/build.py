@@ -1,13 +1,13 @@
 """Compile a C source shipped with the package into a shared library, once per machine, and load it.
 
-The CPU kernels need no PyTorch headers: plain C99 with OpenMP, called through ctypes on tensors'
-data pointers, so a build takes a fraction of a second (a torch C++ extension takes ~a minute on
-two cores) and needs only the C compiler that Python's own packages build with. Libraries are
-cached under ``$MEDCLUST_CACHE_DIR`` (default ``$XDG_CACHE_HOME/medclust`` or
-``~/.cache/medclust``), named by a hash of the source, the flags and the compiler, and written
-to a temporary name then renamed, so parallel jobs on a shared home folder never load a
-half-written file. Without a compiler, or with ``MEDCLUST_NATIVE=0``, :func:`load_library`
-returns None after one warning and callers keep their PyTorch path.
+The CPU kernels need no PyTorch headers: plain C11 with OpenMP, called through ctypes on tensors'
+data pointers, so a build takes a fraction of a second and needs only a C compiler (the one
+Python's own source packages build with). Libraries are cached under ``$MEDCLUST_CACHE_DIR``
+(default ``$XDG_CACHE_HOME/medclust`` or ``~/.cache/medclust``), named by a hash of the source,
+the flags, the compiler and the machine type, and written to a temporary name then renamed, so
+parallel jobs on a shared home folder never load a half-written file. Without a compiler (or if
+the build fails) :func:`load_library` warns once and returns None, and callers keep their
+PyTorch path; ``MEDCLUST_NATIVE=0`` chooses that path without a warning.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -51,14 +52,16 @@ def _compiler() -> str | None:
 
 def _compiler_id(cc: str) -> str:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+        return subprocess.run([cc, "--version"], capture_output=True, encoding="utf-8", errors="replace", timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return cc
 
 
 def _build(source: Path, cc: str, target_dir: Path) -> Path:
     """Compile ``source`` into ``target_dir`` (atomically) unless the same build is there."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode() + _compiler_id(cc).encode()).hexdigest()[:16]
+    # the machine type too: a shared home may serve x86-64 and arm64 nodes
+    stamp = "\n".join([*CFLAGS, _compiler_id(cc), platform.machine()])
+    key = hashlib.sha256(source.read_bytes() + stamp.encode()).hexdigest()[:16]
     target = target_dir / f"{source.stem}-{key}.so"
     if target.is_file():
         return target
@@ -66,7 +69,7 @@ def _build(source: Path, cc: str, target_dir: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target_dir)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *CFLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([cc, *CFLAGS, str(source), "-o", tmp], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
         if res.returncode != 0:
             raise OSError(f"{cc} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
         os.replace(tmp, target)
