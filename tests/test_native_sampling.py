@@ -102,13 +102,13 @@ def test_kernel_follows_the_pytorch_rules_at_ties(z):
 
 def test_threads_give_the_single_thread_result():
     ours, _ = _pair()
-    z, valid = _volumes("padded", s=300)
+    z, valid = _volumes("padded", s=600)
     index = build_slice_index(z, valid)
     query = torch.randn(*z.shape, D, generator=torch.Generator().manual_seed(4), requires_grad=True)
     before = torch.get_num_threads()
     try:
         results = []
-        for threads in (1, 3):
+        for threads in (1, 3):  # 3 * 600 * 4 queries: 3 copies of the table gradient
             torch.set_num_threads(threads)
             results.append(_grads(ours, query, query, index, via_forward=True))
     finally:
@@ -116,7 +116,7 @@ def test_threads_give_the_single_thread_result():
     (out1, g1), (out3, g3) = results
     torch.testing.assert_close(out3, out1, atol=1e-6, rtol=1e-6)
     for a, b in zip(g3, g1):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_nan_position_gives_nan_not_a_quiet_read():
@@ -127,6 +127,18 @@ def test_nan_position_gives_nan_not_a_quiet_read():
     out = sample_slices_native(torch.randn(8, 5), positions, torch.full((1, 8, 1, 2), 0.5), index, 1)
     assert torch.isnan(out[3]).all()
     assert torch.isfinite(out[torch.arange(8) != 3]).all()
+
+
+def test_shapes_that_would_read_past_the_buffers_are_refused():
+    index = build_slice_index(torch.zeros(2, 5), torch.ones(2, 5, dtype=torch.bool))
+    good = torch.zeros(2, 5, 3, 4)
+    assert sample_slices_native(torch.zeros(30, 8), good, good, index, 3).shape == (30, 8)
+    with pytest.raises(MedclustError, match=r"value table \(29, 8\) must have B\*S\*H = 30 rows"):
+        sample_slices_native(torch.zeros(29, 8), good, good, index, 3)
+    with pytest.raises(MedclustError, match=r"must both be \(B, S, H, P\) = \(2, 5, 3, P\)"):
+        sample_slices_native(torch.zeros(30, 8), torch.zeros(2, 5, 2, 4), torch.zeros(2, 5, 2, 4), index, 3)
+    with pytest.raises(MedclustError, match="must both be"):
+        sample_slices_native(torch.zeros(30, 8), good, torch.zeros(2, 5, 3, 2), index, 3)
 
 
 def test_auto_falls_back_to_pytorch_where_the_kernel_cannot_run(monkeypatch):

@@ -89,7 +89,9 @@ class _SliceSample(torch.autograd.Function):
         table, lo_row, hi_row, weight, dweight, attn = ctx.saved_tensors
         queries, channels = table.shape
         points = lo_row.shape[1]
-        threads = torch.get_num_threads()
+        # one zeroed copy of the table's gradient per thread: at most 8 (each is the size of the
+        # values), and none for fewer than 2048 queries a thread (summing copies would cost more)
+        threads = max(1, min(torch.get_num_threads(), 8, queries // 2048))
         grad = grad.contiguous()  # a name holds the copy: a temporary's storage could be freed before the C call reads it
         need_table, need_positions, need_attn = ctx.needs_input_grad[:3]
         g_tables = table.new_zeros(threads, queries, channels) if need_table else None
@@ -132,6 +134,14 @@ def sample_slices_native(
             f"slice sampling: the compiled kernel takes CPU float32 values outside autocast and torch.compile, "
             f"got {table.dtype} on {table.device.type}"
         )
+    b, s = index.z_sorted.shape
+    if positions.ndim != 4 or tuple(positions.shape[:3]) != (b, s, heads) or attn.shape != positions.shape:
+        raise MedclustError(
+            f"slice sampling: positions {tuple(positions.shape)} and attn {tuple(attn.shape)} must both be "
+            f"(B, S, H, P) = ({b}, {s}, {heads}, P)"
+        )
+    if table.ndim != 2 or table.shape[0] != b * s * heads:
+        raise MedclustError(f"slice sampling: the value table {tuple(table.shape)} must have B*S*H = {b * s * heads} rows")
     if _library() is None:
         raise MedclustError("slice sampling: the compiled CPU kernel is not available (no C compiler, or MEDCLUST_NATIVE=0)")
     return _SliceSample.apply(table, positions.float(), attn.float(), index, heads)
