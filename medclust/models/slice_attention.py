@@ -3,8 +3,9 @@
 Each query slice predicts, per head, P offsets in millimetres around its own z position and
 reads the value tokens there by linear interpolation between the two neighbouring *real*
 slices (positions may be non-uniform; padded slices are never read). Memory is O(S * H * P)
-and so is time, up to two sorts (the slices by z per forward, the sampled rows per backward);
-there is no S x S matrix anywhere, so whole CT volumes (thousands of slices) fit.
+and so is time, up to a sort of the slices by z per forward (and, on the PyTorch path, of the
+sampled rows per backward); there is no S x S matrix anywhere, so whole CT volumes (thousands
+of slices) fit. On the CPU the sampling runs in a compiled kernel (:mod:`medclust.models.native`).
 
 This is the method's "inter-slice" attention as described in the paper; its public code ran
 the attention along the feature axis and only for 64-slice volumes.
