@@ -127,7 +127,9 @@ def sample_slices_native(
         (B*S*H, C); differentiable with respect to ``table``, ``positions`` and ``attn``.
 
     Raises:
-        MedclustError: the kernel is not available (see :func:`native_sampling_available`).
+        MedclustError: values that are not CPU float32 (see :func:`native_sampling_supports`),
+            shapes other than the above (the C loops would read past a buffer), or no kernel
+            (see :func:`native_sampling_available`).
     """
     if not native_sampling_supports(table):
         raise MedclustError(
