@@ -1,6 +1,7 @@
 """The compiled CPU sampling kernel: the PyTorch path's numbers and gradients, threads, fallbacks, cache."""
 
 import os
+import subprocess
 import warnings
 
 import pytest
@@ -194,6 +195,43 @@ def test_build_is_cached_atomic_and_fails_with_one_warning(tmp_path, monkeypatch
         warnings.simplefilter("error")
         assert build.load_library.__wrapped__("slice_sampling") is None
     assert not build.native_enabled()
+
+
+def test_a_compiler_without_openmp_builds_a_serial_kernel_with_the_same_numbers(tmp_path, monkeypatch):
+    # Apple's clang has no -fopenmp: the build retries without it (the source's OpenMP parts are
+    # #ifdef'd), silently, and the caller's per-thread gradient copies stay zero but one
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "clang: error: unsupported option \'-fopenmp\'" >&2; exit 1; }; done\n'
+        'exec gcc "$@"\n'
+    )
+    cc.chmod(0o755)
+    monkeypatch.setenv("MEDCLUST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "_compiler", lambda: str(cc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = build.load_library.__wrapped__("slice_sampling")
+    assert lib is not None
+    (built,) = (tmp_path / "cache" / "native").glob("*.so")
+    assert "omp_get_thread_num" not in subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout
+    from medclust.models.native import slice_sampling
+
+    monkeypatch.setattr(slice_sampling, "_library", lambda: slice_sampling._declare(lib))
+    ours, ref = _pair()
+    z, valid = _volumes("padded", s=600)
+    index = build_slice_index(z, valid)
+    query = torch.randn(*z.shape, D, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out, grads = _grads(ours, query, query, index, via_forward=True)
+        out_ref, grads_ref = _grads(ref, query, query, index, via_forward=True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """Compile a C source shipped with the package into a shared library, once per machine, and load it.
 
-The CPU kernels need no PyTorch headers: plain C11 with OpenMP, called through ctypes on tensors'
+The CPU kernels need no PyTorch headers: plain C11 with OpenMP (serial where the compiler has no
+OpenMP, e.g. Apple's clang), called through ctypes on tensors'
 data pointers, so a build takes a fraction of a second and needs only a C compiler (the one
 Python's own source packages build with). Libraries are cached under ``$MEDCLUST_CACHE_DIR``
 (default ``$XDG_CACHE_HOME/medclust`` or ``~/.cache/medclust``), named by a hash of the source,
@@ -27,7 +28,8 @@ __all__ = ["cache_dir", "load_library", "native_enabled"]
 
 SOURCE_DIR = Path(__file__).resolve().parent
 # no -march=native: a cache on a cluster's shared home serves nodes of different CPU generations
-CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp")
+CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared")
+OPENMP = "-fopenmp"
 
 
 def native_enabled() -> bool:
@@ -57,26 +59,40 @@ def _compiler_id(cc: str) -> str:
         return cc
 
 
-def _build(source: Path, cc: str, target_dir: Path) -> Path:
-    """Compile ``source`` into ``target_dir`` (atomically) unless the same build is there."""
-    # the machine type too: a shared home may serve x86-64 and arm64 nodes
-    stamp = "\n".join([*CFLAGS, _compiler_id(cc), platform.machine()])
-    key = hashlib.sha256(source.read_bytes() + stamp.encode()).hexdigest()[:16]
-    target = target_dir / f"{source.stem}-{key}.so"
-    if target.is_file():
-        return target
-    target_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target_dir)
+def _compile(cc: str, flags: tuple[str, ...], source: Path, target: Path) -> None:
+    """Compile to a temporary name beside ``target`` and rename: never a half-written library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *CFLAGS, str(source), "-o", tmp], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+        res = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
         if res.returncode != 0:
-            raise OSError(f"{cc} failed: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+            lines = (res.stderr or res.stdout).strip().splitlines() or [f"exit status {res.returncode}"]
+            raise OSError(f"{cc} failed: {next((x for x in lines if 'error' in x), lines[-1]).strip()}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+
+
+def _build(source: Path, cc: str, target_dir: Path) -> Path:
+    """The library built from ``source`` with OpenMP, or serial where the compiler has no OpenMP
+    (Apple's clang), from the cache when the same build is there."""
+    compiler = _compiler_id(cc)
+    failure: OSError | None = None
+    for flags in ((*CFLAGS, OPENMP), CFLAGS):
+        # the machine type too: a shared home may serve x86-64 and arm64 nodes
+        stamp = "\n".join([*flags, compiler, platform.machine()])
+        target = target_dir / f"{source.stem}-{hashlib.sha256(source.read_bytes() + stamp.encode()).hexdigest()[:16]}.so"
+        if target.is_file():
+            return target
+        try:
+            _compile(cc, flags, source, target)
+            return target
+        except OSError as e:
+            failure = e
+    assert failure is not None
+    raise failure
 
 
 @cache

@@ -24,15 +24,19 @@ __all__ = ["native_sampling_available", "native_sampling_supports", "sample_slic
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Set the C functions' signatures (ctypes would otherwise pass 64-bit ints as C ints)."""
+    lib.slice_sample_forward.restype = _I64
+    lib.slice_sample_forward.argtypes = [_P] * 9 + [_I64] * 5 + [_P] * 5 + [_INT]
+    lib.slice_sample_backward.restype = None
+    lib.slice_sample_backward.argtypes = [_P] * 7 + [_I64] * 3 + [_P] * 3 + [_INT]
+    return lib
+
+
 @cache
 def _library() -> ctypes.CDLL | None:
     lib = load_library("slice_sampling")
-    if lib is not None:
-        lib.slice_sample_forward.restype = _I64
-        lib.slice_sample_forward.argtypes = [_P] * 9 + [_I64] * 5 + [_P] * 5 + [_INT]
-        lib.slice_sample_backward.restype = None
-        lib.slice_sample_backward.argtypes = [_P] * 7 + [_I64] * 3 + [_P] * 3 + [_INT]
-    return lib
+    return None if lib is None else _declare(lib)
 
 
 def native_sampling_available() -> bool:
