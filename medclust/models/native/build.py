@@ -1,9 +1,8 @@
 """Compile a C source shipped with the package into a shared library, once per machine, and load it.
 
 The CPU kernels need no PyTorch headers: plain C11 with OpenMP (serial where the compiler has no
-OpenMP, e.g. Apple's clang), called through ctypes on tensors'
-data pointers, so a build takes a fraction of a second and needs only a C compiler (the one
-Python's own source packages build with). Libraries are cached under ``$MEDCLUST_CACHE_DIR``
+OpenMP, e.g. Apple's clang), called through ctypes on tensors' data pointers, so a build takes a
+fraction of a second and needs only a C compiler (the one Python's own source packages build with). Libraries are cached under ``$MEDCLUST_CACHE_DIR``
 (default ``$XDG_CACHE_HOME/medclust`` or ``~/.cache/medclust``), named by a hash of the source,
 the flags, the compiler and the machine type, and written to a temporary name then renamed, so
 parallel jobs on a shared home folder never load a half-written file. Without a compiler (or if
