@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from medclust.errors import MedclustError
-from medclust.preprocess.drr import DrrRenderer, drr_shape, hu_to_attenuation, render_drr, simulate_drr_dataset
+from medclust.preprocess.drr import (
+    DrrRenderer,
+    _nearest_samples,
+    _project_bilinear,
+    _ray_samples,
+    drr_shape,
+    hu_to_attenuation,
+    render_drr,
+    simulate_drr_dataset,
+)
 
 MU = 0.02
 SPACING = (0.5, 0.5, 2.0)
@@ -93,6 +102,39 @@ def test_threads_give_the_same_views() -> None:
             (a, la), (b, lb) = single.render(angle, 1.0), split.render(angle, 1.0)
             assert np.array_equal(a, b) and np.array_equal(la, lb)
             assert (la == 9).any() and a.max() > 0
+
+
+@pytest.mark.parametrize(
+    "plane, offset",
+    [
+        # oblique and scaled: some samples fall outside the slice, some a fraction beyond an edge
+        (np.array([[0.83, -0.61], [0.55, 0.9]]), np.array([-3.3, -9.7])),
+        # axis-aligned with a flip: samples on voxel centres, half-way between them (ties), on
+        # the last voxel's centre and half a voxel beyond it
+        (np.array([[0.0, 0.5], [-1.0, 0.0]]), np.array([-1.0, 53.5])),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_in_plane_sampling_is_scipys_constant_mode(plane: np.ndarray, offset: np.ndarray, threads: int) -> None:
+    """The shared-grid sampling gives what per-slice ``ndimage.affine_transform`` (order 1 and
+    0, ``mode="constant"``: 0 beyond the edges, no blending with them) gives."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    slices = rng.random((5, 37, 53), dtype=np.float32)  # not square: a swapped axis shows
+    codes = rng.integers(1, 6, size=slices.shape, dtype=np.uint8)
+    cols, depth = 41, 67
+    sample_i, sample_j, inside = _ray_samples(plane, offset, cols, depth, slices.shape[1:])
+    assert 0 < inside.mean() < 1
+    projection = _project_bilinear(slices, sample_i, sample_j, inside, threads, chunk=2)
+    nearest, outside = _nearest_samples(sample_i, sample_j, inside, slices.shape[2])
+    for k in range(len(slices)):
+        bilinear = ndimage.affine_transform(slices[k], plane, offset, output_shape=(cols, depth), order=1, mode="constant")
+        np.testing.assert_allclose(projection[k], bilinear.sum(axis=1, dtype=np.float64), rtol=1e-6, atol=1e-6)
+        picked = codes[k].reshape(-1).take(nearest)
+        picked[outside] = 0
+        expected = ndimage.affine_transform(codes[k], plane, offset, output_shape=(cols, depth), order=0, mode="constant")
+        assert np.array_equal(picked.reshape(cols, depth), expected)
 
 
 def test_labels_on_another_grid_are_rejected() -> None:

@@ -11,8 +11,9 @@ the rays run posterior -> anterior (a PA view) and the image is laid out as a PA
 displayed: row 0 is superior, column 0 is the patient's right. At 90 degrees the rays run right
 -> left (a left-lateral view, anterior on the left of the image); 180 is AP, 270 right-lateral.
 One resampling per view: the rotation and the resampling to ``pixel_spacing`` isotropic are
-composed into a single ``scipy.ndimage.affine_transform`` (linear for attenuation, nearest for
-labels), processed in slabs of detector rows to bound memory.
+composed into one in-plane sampling grid shared by every axial slice (bilinear with
+``torch.nn.functional.grid_sample`` for attenuation, a direct nearest-voxel gather for labels),
+then the projection is resampled along z with ``scipy.ndimage.affine_transform``.
 
 Everything this module writes is marked as simulated (manifest column, NIfTI ``descrip``,
 ``drr.json``), because a DRR is not a radiograph: no scatter, no beam hardening, no detector
@@ -96,7 +97,8 @@ class DrrRenderer:
     """A CT volume prepared for DRRs at any number of angles (attenuation and label codes once).
 
     The rays lie in axial planes, so each axial slice is rotated and resampled in-plane
-    (bilinear, ``scipy.ndimage.affine_transform``) and summed along the ray; the resulting
+    (bilinear; every slice on the same grid of ray samples, so ``grid_sample`` resamples a
+    chunk of slices at once) and summed along the ray; the resulting
     (slices, columns) projection is then resampled along z to the pixel spacing (linear). This
     equals trilinear resampling of the volume followed by projection (summation commutes with
     interpolation along z) at a third of the cost; for labels, nearest-neighbour along z picks
@@ -108,7 +110,8 @@ class DrrRenderer:
         spacing_mm: voxel size (sx, sy, sz) in mm.
         mu_water: attenuation of water in 1/mm.
         labels: optional integer structure map on the same grid (0 = no structure).
-        threads: slices resampled in parallel by this many threads (same result for any number).
+        threads: threads that resample the slices (torch's for attenuation, a pool over runs
+            of slices for labels); the same result for any number.
     """
 
     def __init__(
@@ -137,7 +140,7 @@ class DrrRenderer:
 
     def _over_slices(self, work: Callable[[range], None], nz: int) -> None:
         """Run ``work`` over the axial slices, split into contiguous runs across ``threads``
-        (SciPy's resampling releases the GIL; each slice's result is the same either way)."""
+        (each slice's result is the same either way)."""
         threads = max(1, min(self.threads, nz))
         if threads == 1:
             work(range(nz))
@@ -167,15 +170,8 @@ class DrrRenderer:
                 (centre[1] - ps * (mid_c * u[1] + mid_b * d[1])) / sy,
             ]
         )
-        projection = np.empty((nz, cols), dtype=np.float32)
-
-        def project(ks: range) -> None:
-            scratch = np.empty((cols, depth), dtype=np.float32)
-            for k in ks:
-                ndimage.affine_transform(self.mu[k], plane, plane_offset, output=scratch, order=1, mode="constant", cval=0.0)
-                projection[k] = scratch.sum(axis=1, dtype=np.float64) * ps
-
-        self._over_slices(project, nz)
+        sample_i, sample_j, inside = _ray_samples(plane, plane_offset, cols, depth, (nx, ny))
+        projection = (_project_bilinear(self.mu, sample_i, sample_j, inside, self.threads) * ps).astype(np.float32)
 
         # Along z: output row r (row 0 superior) -> input slice index.
         z_map = np.array([[-ps / sz, 0.0], [0.0, 1.0]])
@@ -189,15 +185,16 @@ class DrrRenderer:
         structures = self.structures
         n_codes = len(structures) + 1
         ray_base = np.repeat(np.arange(cols, dtype=np.int64) * n_codes, depth)
+        nearest, outside = _nearest_samples(sample_i, sample_j, inside, ny)
         per_slice = np.zeros((nz, cols), dtype=np.int32)
-        codes = self.codes
+        codes = self.codes.reshape(nz, -1)
 
         def pick(ks: range) -> None:
-            slice_codes = np.empty((cols, depth), dtype=codes.dtype)
             for k in ks:
-                ndimage.affine_transform(codes[k], plane, plane_offset, output=slice_codes, order=0, mode="constant", cval=0)
+                slice_codes = codes[k].take(nearest)
+                slice_codes[outside] = 0
                 # Path length per (ray, structure) in one bincount instead of one pass per structure.
-                counts = np.bincount(ray_base + slice_codes.reshape(-1), minlength=cols * n_codes).reshape(cols, n_codes)
+                counts = np.bincount(ray_base + slice_codes, minlength=cols * n_codes).reshape(cols, n_codes)
                 counts[:, 0] = 0
                 best = counts.argmax(axis=1)
                 per_slice[k] = np.where(counts[np.arange(cols), best] > 0, best, 0)
@@ -207,6 +204,74 @@ class DrrRenderer:
         lookup = np.concatenate([[0], structures])
         label_dtype = np.uint8 if structures.size == 0 or (structures.min() >= 0 and structures.max() < 256) else np.int32
         return image, lookup[picked].astype(label_dtype)
+
+
+def _ray_samples(
+    plane: np.ndarray, offset: np.ndarray, cols: int, depth: int, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slice coordinates (i, j) of every ray sample, (cols, depth) each, and where they fall inside.
+
+    The coordinates are ``offset + plane @ (c, b)`` in float64, and a sample is inside when
+    ``0 <= i <= n - 1`` on both axes: SciPy's ``affine_transform`` with ``mode="constant"``
+    (no interpolation with the constant beyond the edges), which the views were defined with.
+    """
+    c = np.arange(cols, dtype=np.float64)[:, None]
+    b = np.arange(depth, dtype=np.float64)[None, :]
+    # offset first, then the products, in SciPy's order: a sample half-way between two voxels
+    # then rounds to the same one
+    sample_i = offset[0] + plane[0, 0] * c + plane[0, 1] * b
+    sample_j = offset[1] + plane[1, 0] * c + plane[1, 1] * b
+    inside = (sample_i >= 0) & (sample_i <= shape[0] - 1) & (sample_j >= 0) & (sample_j <= shape[1] - 1)
+    return sample_i, sample_j, inside
+
+
+def _nearest_samples(
+    sample_i: np.ndarray, sample_j: np.ndarray, inside: np.ndarray, n_j: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat index (into a C-ordered slice with ``n_j`` columns) of each sample's nearest voxel,
+    and the flat positions of the samples outside (their index is 0: set them to 0 after the
+    gather). Nearest as SciPy's order-0 ``affine_transform`` rounds: ``floor(x + 0.5)``."""
+    nearest = np.floor(sample_i + 0.5).astype(np.int64) * n_j + np.floor(sample_j + 0.5).astype(np.int64)
+    nearest = nearest.ravel()
+    outside = np.flatnonzero(~inside.ravel())
+    nearest[outside] = 0
+    return nearest, outside
+
+
+def _project_bilinear(
+    slices: np.ndarray, sample_i: np.ndarray, sample_j: np.ndarray, inside: np.ndarray, threads: int, chunk: int = 8
+) -> np.ndarray:
+    """Sum along each ray of the bilinearly sampled slices: ``(nz, cols)`` float64.
+
+    One ``torch.nn.functional.grid_sample`` per ``chunk`` slices, all on the same sampling grid
+    (the rays are the same in every axial slice), in float64 with each sample rounded to
+    float32 and summed in float64, as the per-slice ``scipy.ndimage.affine_transform`` into a
+    float32 buffer that this replaces did: the demo's views are the same but for 1 float32 ulp
+    in 0.03 % of the pixels of the four axis-aligned views (the bilinear weights are rounded in
+    another order), at a quarter of the time. Samples outside the slice are moved far outside
+    it, so that they are 0 without blending with the edge voxels.
+    """
+    import torch
+
+    n_i, n_j = slices.shape[1:]
+    # align_corners=True: -1 and 1 are the centres of the first and last voxels
+    grid_x = np.where(inside, sample_j / max((n_j - 1) / 2.0, 0.5) - 1.0, -3.0)
+    grid_y = np.where(inside, sample_i / max((n_i - 1) / 2.0, 0.5) - 1.0, -3.0)
+    grid = torch.from_numpy(np.stack([grid_x, grid_y], axis=-1)[None])
+    projection = np.empty(slices.shape[:1] + sample_i.shape[:1], dtype=np.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(slices), chunk):
+                block = torch.from_numpy(slices[start : start + chunk]).to(torch.float64)[None]
+                sampled = torch.nn.functional.grid_sample(
+                    block, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+                )[0].to(torch.float32)
+                projection[start : start + chunk] = sampled.numpy().sum(axis=2, dtype=np.float64)
+    finally:
+        torch.set_num_threads(previous)
+    return projection
 
 
 def render_drr(
