@@ -1,38 +1,32 @@
-"""Downstream evaluation: metrics (MONAI), run scoring, bootstrap statistics and the study table."""
+"""Downstream evaluation: metrics (MONAI), run scoring, bootstrap statistics and the study table.
 
-from medclust.evaluate.collapse import dataset_ranks, effective_rank
-from medclust.evaluate.evaluate_run import PRIMARY_METRIC, evaluate_run, summarise
-from medclust.evaluate.metrics import (
-    FROC_FP_RATES,
-    Detection,
-    Nodule,
-    froc,
-    match_detections,
-    roc_auc_per_class,
-    segmentation_scores,
-)
-from medclust.evaluate.statistics import VERDICTS, paired_difference, summarise_cell, t_interval, verdict
-from medclust.evaluate.study import read_study_table, run_study, study_table
+The names are loaded on first use (:mod:`medclust._lazy`): reading a study table or computing
+its statistics does not import torch and MONAI, which scoring a run does.
+"""
 
-__all__ = [
-    "FROC_FP_RATES",
-    "PRIMARY_METRIC",
-    "VERDICTS",
-    "Detection",
-    "Nodule",
-    "dataset_ranks",
-    "effective_rank",
-    "evaluate_run",
-    "froc",
-    "match_detections",
-    "paired_difference",
-    "read_study_table",
-    "roc_auc_per_class",
-    "run_study",
-    "segmentation_scores",
-    "study_table",
-    "summarise",
-    "summarise_cell",
-    "t_interval",
-    "verdict",
-]
+from medclust._lazy import lazy_exports
+
+_EXPORTS = {
+    "FROC_FP_RATES": "metrics",
+    "PRIMARY_METRIC": "evaluate_run",
+    "VERDICTS": "statistics",
+    "Detection": "metrics",
+    "Nodule": "metrics",
+    "dataset_ranks": "collapse",
+    "effective_rank": "collapse",
+    "evaluate_run": "evaluate_run",
+    "froc": "metrics",
+    "match_detections": "metrics",
+    "paired_difference": "statistics",
+    "read_study_table": "study",
+    "roc_auc_per_class": "metrics",
+    "run_study": "study",
+    "segmentation_scores": "metrics",
+    "study_table": "study",
+    "summarise": "evaluate_run",
+    "summarise_cell": "statistics",
+    "t_interval": "statistics",
+    "verdict": "statistics",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,35 +1,26 @@
-"""Report figures (matplotlib, Agg) and the loaders that feed them from the workflow's files."""
+"""Report figures (matplotlib, Agg) and the loaders that feed them from the workflow's files.
 
-from medclust.report.data import (
-    detection_example,
-    read_embeddings,
-    read_loss_curve,
-    segmentation_example,
-)
-from medclust.report.plots import (
-    pca_2d,
-    plot_detection_examples,
-    plot_embedding_map,
-    plot_loss_curves,
-    plot_segmentation_overlays,
-)
-from medclust.report.probe_plots import plot_probe_curves
-from medclust.report.study_plots import plot_study_curves, plot_study_table
-from medclust.report.verdicts import verdict_table_html, write_verdict_table
+The names are loaded on first use (:mod:`medclust._lazy`): a study plot does not import the
+probe plots' data pipeline (torch, MONAI).
+"""
 
-__all__ = [
-    "detection_example",
-    "pca_2d",
-    "plot_detection_examples",
-    "plot_embedding_map",
-    "plot_loss_curves",
-    "plot_probe_curves",
-    "plot_segmentation_overlays",
-    "plot_study_curves",
-    "plot_study_table",
-    "read_embeddings",
-    "read_loss_curve",
-    "segmentation_example",
-    "verdict_table_html",
-    "write_verdict_table",
-]
+from medclust._lazy import lazy_exports
+
+_EXPORTS = {
+    "detection_example": "data",
+    "pca_2d": "plots",
+    "plot_detection_examples": "plots",
+    "plot_embedding_map": "plots",
+    "plot_loss_curves": "plots",
+    "plot_probe_curves": "probe_plots",
+    "plot_segmentation_overlays": "plots",
+    "plot_study_curves": "study_plots",
+    "plot_study_table": "study_plots",
+    "read_embeddings": "data",
+    "read_loss_curve": "data",
+    "segmentation_example": "data",
+    "verdict_table_html": "verdicts",
+    "write_verdict_table": "verdicts",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,10 +5,7 @@ which imports ``medclust.train.recipes.finetune``, does not also import the pret
 its losses and its monitor (~0.2 s of every fine-tuning job's start-up).
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from medclust._lazy import lazy_exports
 
 __all__ = [
     "METHODS",
@@ -19,13 +16,4 @@ __all__ = [
     "resolve_settings",
     "run_pretraining",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("medclust.train.recipes.pretrain"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(__all__, "pretrain"))
