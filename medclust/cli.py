@@ -83,7 +83,7 @@ def _cmd_fetch_demo(sub: Any) -> None:
 
 def _cmd_simulate_drr(sub: Any) -> None:
     def run(args: argparse.Namespace) -> None:
-        from medclust.preprocess.drr import simulate_drr_dataset
+        from medclust.preprocess.drr_dataset import simulate_drr_dataset
 
         simulate_drr_dataset(args.cases, args.out_dir, args.settings, threads=args.threads)
 

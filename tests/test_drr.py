@@ -20,8 +20,8 @@ from medclust.preprocess.drr import (
     drr_shape,
     hu_to_attenuation,
     render_drr,
-    simulate_drr_dataset,
 )
+from medclust.preprocess.drr_dataset import simulate_drr_dataset
 
 MU = 0.02
 SPACING = (0.5, 0.5, 2.0)

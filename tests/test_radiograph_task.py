@@ -13,7 +13,7 @@ import pytest
 from finetune_helpers import write_store
 from medclust.errors import MedclustError
 from medclust.io.sources import discover
-from medclust.preprocess.drr import angle_splits, simulate_drr_dataset
+from medclust.preprocess.drr_dataset import angle_splits, simulate_drr_dataset
 from medclust.preprocess.index import make_splits
 from medclust.train.recipes.finetune import dataset_label_names, run_finetune
 
