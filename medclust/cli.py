@@ -83,7 +83,10 @@ def _cmd_fetch_demo(sub: Any) -> None:
 
 def _cmd_simulate_drr(sub: Any) -> None:
     def run(args: argparse.Namespace) -> None:
-        from medclust.preprocess.drr_dataset import simulate_drr_dataset
+        with heavy_imports():
+            import monai.transforms  # noqa: F401 - reading and reorienting the CT (imported on first use)
+
+            from medclust.preprocess.drr_dataset import simulate_drr_dataset
 
         simulate_drr_dataset(args.cases, args.out_dir, args.settings, threads=args.threads)
 
