@@ -234,8 +234,8 @@ def _project_bilinear(
     float32 and summed in float64, as the per-slice ``scipy.ndimage.affine_transform`` into a
     float32 buffer that this replaces did: the demo's views are the same but for 1 float32 ulp
     in 0.03 % of the pixels of the four axis-aligned views (the bilinear weights are rounded in
-    another order), at a quarter of the time. Samples outside the slice are set to 0 (``grid_sample``
-    would blend those within a voxel of the edge with the edge voxels).
+    another order), in a quarter to a third of the time. Samples outside the slice are set to 0
+    (``grid_sample`` would blend those within a voxel of the edge with the edge voxels).
     """
     import torch
 

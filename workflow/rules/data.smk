@@ -43,7 +43,7 @@ rule simulate_radiographs:
         **rule_resources("simulate_radiographs", mem_mb=3000, runtime=60),
     # On the data stage's critical path (its views feed 15 preprocess jobs): first in line, and
     # on one thread, which starts at once beside other jobs (a second thread rendered the demo's
-    # views 10-25 % faster, but a 2-thread job waits for both cores to be free).
+    # views 12-29 % faster, but a 2-thread job waits for both cores to be free).
     priority: 10
     threads: rule_threads("simulate_radiographs", 1)
     conda:
