@@ -150,7 +150,7 @@ def worker(src: Path) -> None:
                         preprocess_case(case, settings, out, name)
                     times[key].append(time.perf_counter() - t0)
                     times[key + "_cpu"].append(time.process_time() - c0)
-                if "read" in job["parts"]:
+                if job["parts"]:
                     read, one_pass = _own_read(case)
                     times["read"].append(read)
                     times["pass"].append(one_pass)
@@ -204,7 +204,7 @@ class Worker:
     def time(self, name: str, case: Any, prep: dict, repeats: int, parts: bool = False) -> dict[str, list[float]]:
         """Timings of ``repeats`` load/preprocess pairs; ``parts`` adds preprocessing's own read and store write."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        job = {"dataset": name, "case": case.to_dict(), "prep": prep, "repeats": repeats, "parts": ["read"] if parts else []}
+        job = {"dataset": name, "case": case.to_dict(), "prep": prep, "repeats": repeats, "parts": parts}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -242,14 +242,14 @@ def bench_cases(repeats: int, memory: bool, baseline: str | None) -> list[dict]:
             w.time(name, case, prep, 1)
         for name, case, prep in cases:
             row: dict[str, Any] = {"dataset": name, "case": case.case_id, "label": bool(case.label)}
-            # repeat by repeat in turn, so the two packages share the machine's load; the ratio is
-            # the median of each repeat's preprocess / load, timed back to back
             row["shape"] = _shape(case)
             row["kind"] = _kind(name, config, row["shape"])
+            # repeat by repeat in turn, so the two packages share the machine's load; the ratio is
+            # the median of each repeat's preprocess / load, timed back to back
             times: dict[str, dict[str, list[float]]] = {key: {} for key in workers}
             for _ in range(repeats):
                 for key, w in workers.items():
-                    for k, v in w.time(name, case, prep, 1, parts=row["kind"] in TARGETS).items():
+                    for k, v in w.time(name, case, prep, 1, parts=key == "now" and row["kind"] in TARGETS).items():
                         times[key].setdefault(k, []).extend(v)
             for key, t in times.items():
                 med = {k: statistics.median(v) for k, v in t.items() if v}
@@ -378,10 +378,10 @@ def _print_cases(rows: list[dict], repeats: int, baseline: str | None) -> dict[s
                 worst[f"{'' if k == 'now' else 'baseline_'}max_{kind.lower()}_ratio"] = max(values)
     print("worst ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in worst.items())
           + " (targets: " + ", ".join(f"{kind} <= {t}" for kind, t in TARGETS.items()) + ")")
-    return worst | _print_budget(rows)
+    return worst | _print_room(rows)
 
 
-def _print_budget(rows: list[dict]) -> dict[str, float]:
+def _print_room(rows: list[dict]) -> dict[str, float]:
     """What each target leaves for the computation once the case is read and its store written.
 
     Both are fixed costs of the stage's contract whatever the computation: preprocessing reads
