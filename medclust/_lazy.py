@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,4 +36,15 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
     def __dir__() -> list[str]:
         return sorted(set(vars(sys.modules[package])) | set(exports))
 
+    class _Package(types.ModuleType):
+        def __setattr__(self, name: str, value: Any) -> None:
+            # Importing a submodule binds it on its package. Where an export shares its
+            # submodule's name (evaluate_run.evaluate_run), that would hide the export from
+            # every later `from package import name` once anything imported the submodule
+            # first; the export wins, as it did when the package imported it eagerly.
+            if exports.get(name) == name and isinstance(value, types.ModuleType) and value.__name__ == f"{package}.{name}":
+                value = getattr(value, name)
+            super().__setattr__(name, value)
+
+    sys.modules[package].__class__ = _Package
     return __getattr__, __dir__

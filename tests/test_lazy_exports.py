@@ -31,3 +31,16 @@ def test_every_exported_name_resolves(package: str) -> None:
         assert getattr(value, "__name__", name) == name or not callable(value)
     with pytest.raises(AttributeError, match="no attribute 'not_exported'"):
         getattr(module, "not_exported")
+
+
+def test_an_export_named_like_its_submodule_stays_the_export() -> None:
+    # `evaluate_run` is both a submodule and the function it defines: importing the submodule
+    # first (as scoring code does) must not turn the package's `evaluate_run` into the module.
+    code = (
+        "import medclust.evaluate.evaluate_run, types\n"
+        "from medclust.evaluate import evaluate_run\n"
+        "import medclust.evaluate as package\n"
+        "print(type(evaluate_run).__name__, type(package.evaluate_run).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["function", "function"]
