@@ -55,7 +55,7 @@ def _simulate(rng: np.random.Generator, n: int, seeds: int, cases: int, delta: f
     return ref, arm, MU + case.mean(axis=(1, 2)), delta + case_x_arm.mean(axis=(1, 2))
 
 
-@pytest.mark.parametrize("seeds,cases", [(3, 1), (5, 1), (3, 8), (5, 8)])
+@pytest.mark.parametrize("seeds,cases", [(3, 1), (5, 1), (3, 8), (5, 8), (3, 20)])
 def test_coverage_of_cells_and_paired_differences(seeds, cases):
     n = 300
     rng = np.random.default_rng(1000 * seeds + cases)
@@ -99,6 +99,49 @@ def test_two_seeds_and_one_case_have_no_interval_and_say_why():
     assert math.isnan(pair.ci_low) and pair.ci_method == "none: 2 paired seeds < 3 and 1 test case < 5"
 
 
+def test_two_seeds_have_no_interval_even_with_many_cases():
+    # With 2 seeds the seed level's variance rests on one degree of freedom: simulated two-level
+    # intervals covered 0.875-0.94 instead of 0.95, so the rule asks for 3 seeds at any case count.
+    rng = np.random.default_rng(11)
+    ref, arm, _, _ = _simulate(rng, 1, 2, 20, DELTA)
+    cell = summarise_cell(_units(ref[0]), B, 0.95, cell_rng(0, "two-many"))
+    pair = paired_difference(_units(arm[0]), _units(ref[0]), B, 0.95, cell_rng(0, "two-many", "pair"))
+    assert math.isnan(cell.ci_low) and cell.ci_method == "none: 2 seeds < 3: training variability not estimable"
+    assert math.isnan(pair.ci_low) and pair.ci_method == "none: 2 paired seeds < 3: training variability not estimable"
+    assert cell.n == 2 and cell.n_cases == 20 and pair.n_pairs == 2
+
+
+def test_runs_on_different_test_cases_are_not_paired():
+    # The reference was tested on other cases than the compared arm: no interval, the reason said.
+    rng = np.random.default_rng(12)
+    values = rng.uniform(0.4, 0.8, size=(3, 6))
+    ids_ref, ids_arm = [f"c{i}" for i in range(6)], [f"c{i}" for i in range(3, 9)]
+    ref = [Unit(s, float(v.mean()), mean_of_columns_resampler(ids_ref, v)) for s, v in enumerate(values)]
+    arm = [Unit(s, float(v.mean()) + 0.2 + 0.01 * s, mean_of_columns_resampler(ids_arm, v + 0.2 + 0.01 * s))
+           for s, v in enumerate(values)]  # fmt: skip
+    pair = paired_difference(arm, ref, B, 0.95, cell_rng(0, "other-cases"))
+    assert pair.n_pairs == 3 and pair.diff == pytest.approx(0.21)
+    assert math.isnan(pair.ci_low) and pair.ci_method == "none: runs tested on different test cases (3 in common)"
+    # within one cell as well
+    cell = summarise_cell([*ref[:2], arm[2]], B, 0.95, cell_rng(0, "other-cases", "cell"))
+    assert math.isnan(cell.ci_low) and cell.ci_method == "none: runs tested on different test cases (3 in common)"
+    # the same cases in another order are the same test set
+    shuffled = [Unit(u.seed, u.value, mean_of_columns_resampler(ids_ref[::-1], values[u.seed][::-1])) for u in ref]
+    assert summarise_cell(shuffled, B, 0.95, cell_rng(0, "order")).ci_method.startswith("two-level bootstrap")
+
+
+def test_runs_with_an_undefined_value_are_left_out_and_named():
+    rng = np.random.default_rng(13)
+    values = rng.uniform(0.4, 0.8, size=(4, 3))
+    units = _units(values)
+    units[3] = Unit(3, math.nan, units[3].cases)
+    cell = summarise_cell(units, B, 0.95, cell_rng(0, "nan"))
+    assert cell.n == 3 and cell.mean == pytest.approx(values[:3].mean())
+    assert cell.ci_method == "student-t over 3 seeds (3 test cases < 5); left out, value undefined: seed 3"
+    pair = paired_difference(_units(values + 0.1 + 0.01 * np.arange(4)[:, None]), units, B, 0.95, cell_rng(0, "nan", "pair"))
+    assert pair.n_pairs == 3 and pair.ci_method.endswith("; left out, value undefined: paired seed 3")
+
+
 def _width(values: np.ndarray) -> float:
     cell = summarise_cell(_units(values), 2000, 0.95, cell_rng(0, "width"))
     assert cell.ci_method.startswith("two-level bootstrap")
@@ -123,13 +166,16 @@ def test_seed_level_carries_seed_noise():
 
 
 def test_paired_difference_uses_one_case_draw_for_both_arms():
-    # The compared arm is the reference shifted by 0.1 on every case and seed: whatever cases are
-    # drawn, the difference is 0.1, so the interval has zero width (separate draws would not).
+    # The compared arm is the reference shifted by 0.1 + a per-seed offset on every case: whatever
+    # cases are drawn, each seed's difference is its shift, so the case level adds nothing and the
+    # interval is the t interval over the four shifts (separate draws per arm would widen it).
     rng = np.random.default_rng(5)
     ref = rng.uniform(0.3, 0.9, size=(4, 8))
-    pair = paired_difference(_units(ref + 0.1), _units(ref), B, 0.95, cell_rng(0, "shift"))
-    assert pair.n_pairs == 4 and pair.ci_method.startswith("two-level bootstrap")
-    assert (pair.diff, pair.ci_low, pair.ci_high) == pytest.approx((0.1, 0.1, 0.1))
+    shifts = 0.1 + np.array([-0.015, -0.005, 0.005, 0.015])
+    pair = paired_difference(_units(ref + shifts[:, None]), _units(ref), B, 0.95, cell_rng(0, "shift"))
+    assert pair.n_pairs == 4 and pair.ci_method.startswith("two-level bootstrap (4 paired seeds, 8 cases, t on 3.0 df)")
+    assert pair.diff == pytest.approx(0.1)
+    assert (pair.ci_low, pair.ci_high) == pytest.approx(t_interval(shifts), rel=1e-6)
 
 
 def _class_columns(present_in: int, cases: int) -> np.ndarray:

@@ -33,18 +33,22 @@ def _units(per_seed_cases: dict[int, np.ndarray]) -> list[Unit]:
     return out
 
 
-def test_cell_constant_values_zero_width_and_what_one_seed_supports():
+def test_cell_constant_values_have_no_interval_and_what_one_seed_supports():
     rng = cell_rng(0, "x")
+    # Nothing varies, neither seeds nor cases: no interval (a zero-width one would claim certainty).
     const = _units({0: np.full(5, 0.8), 1: np.full(5, 0.8), 2: np.full(5, 0.8)})
     cell = summarise_cell(const, 300, 0.95, rng)
     assert (cell.n, cell.n_cases, cell.mean, cell.std) == (3, 5, pytest.approx(0.8), pytest.approx(0.0))
-    assert (cell.ci_low, cell.ci_high) == pytest.approx((0.8, 0.8))
-    assert cell.ci_method.startswith("two-level bootstrap (3 seeds, 5 cases")
+    assert math.isnan(cell.ci_low) and math.isnan(cell.ci_high)
+    assert cell.ci_method == "none: all 3 seeds give 0.8 on every case draw"
+    # Equal seed values on fewer than 5 cases (a quantised metric): no interval either.
+    cell = summarise_cell(_units({s: np.array([0.25, 0.5]) for s in range(3)}), 300, 0.95, rng)
+    assert math.isnan(cell.ci_low) and cell.ci_method == "none: all 3 seeds give 0.375"
     # One seed, many cases: the test set is resampled, but training variability is unknown.
     one = _units({0: np.random.default_rng(2).normal(0.6, 0.1, 50)})
     cell = summarise_cell(one, 1000, 0.95, rng)
     assert cell.n == 1 and math.isnan(cell.std) and math.isnan(cell.ci_low) and math.isnan(cell.ci_high)
-    assert cell.ci_method == "none: 1 seed: training variability not estimable"
+    assert cell.ci_method == "none: 1 seed < 3: training variability not estimable"
     # One seed, one test case: nothing to resample, no interval (not a zero-width one).
     cell = summarise_cell(_units({0: np.array([0.5])}), 100, 0.95, rng)
     assert cell.mean == 0.5 and cell.n_cases == 1 and math.isnan(cell.ci_low) and math.isnan(cell.ci_high)
@@ -59,7 +63,9 @@ def test_paired_difference_of_shifted_copy_is_the_shift():
     out = paired_difference(shifted, reference, 500, 0.95, cell_rng(0, "pair"))
     assert out.n_pairs == 4 and out.n_cases == 8
     assert out.diff == pytest.approx(0.125)
-    assert (out.ci_low, out.ci_high) == pytest.approx((0.125, 0.125))
+    # the same difference on every seed and every case draw: no interval, and the reason
+    assert math.isnan(out.ci_low) and math.isnan(out.ci_high)
+    assert out.ci_method == "none: all 4 paired seeds give 0.125 on every case draw"
     # Unpaired seeds are dropped.
     out = paired_difference(shifted[:2], reference[1:], 200, 0.95, cell_rng(0, "pair"))
     assert out.n_pairs == 1 and math.isnan(out.ci_low)
@@ -94,15 +100,21 @@ def _write_run(root: Path, init: str, fraction: float, seed: int, dice_cases: li
 
 
 def _study(root: Path, seeds: int, cases: int) -> list[Path]:
-    """none and joint (= none + 0.1 on every case) at two fractions; seeds differ, cases differ."""
+    """none and joint (= none + 0.1 + a per-seed offset of mean 0, on every case) at two fractions;
+    seeds differ, cases differ. The per-seed difference is 0.1 + the offset: it varies with the
+    seed (three equal differences would give no interval), not with the case."""
     rng = np.random.default_rng(0)
     files = []
     for fraction in (0.25, 1.0):
         for seed in range(seeds):
             values = rng.uniform(0.4, 0.8, size=(cases, 2))
+            shift = 0.1 + _OFFSET * (seed - (seeds - 1) / 2)
             files.append(_write_run(root, "none", fraction, seed, values.tolist()))
-            files.append(_write_run(root, "joint", fraction, seed, (values + 0.1).tolist(), simulated=fraction == 1.0))
+            files.append(_write_run(root, "joint", fraction, seed, (values + shift).tolist(), simulated=fraction == 1.0))
     return files
+
+
+_OFFSET = 0.01
 
 
 @pytest.fixture()
@@ -136,10 +148,11 @@ def test_study_table_means_intervals_paired_differences_and_verdicts(tmp_path, s
         assert r["ci_method"] == "student-t over 3 seeds (4 test cases < 5)" and r["ci_undefined"] == 0
         assert r["ci_level"] == 0.9 and r["bootstrap"] == 400
         if r["init"] == "joint":
-            # Every case shifted by +0.1: every per-seed difference is the shift, so is the interval.
+            # Every case shifted by 0.1 + a per-seed offset: a t interval over the three shifts.
             assert r["n_pairs"] == 3
             assert r["diff_vs_ref"] == pytest.approx(0.1, abs=1e-6)
-            assert (r["diff_ci_low"], r["diff_ci_high"]) == pytest.approx((0.1, 0.1), abs=1e-6)
+            shifts = [0.1 - _OFFSET, 0.1, 0.1 + _OFFSET]
+            assert (r["diff_ci_low"], r["diff_ci_high"]) == pytest.approx(t_interval(shifts, 0.9), abs=1e-6)
             assert r["diff_ci_method"] == "student-t over 3 paired seeds (4 test cases < 5)"
             assert r["verdict"] == HELPS
             assert r["simulated"] is (r["fraction"] == 1.0)
@@ -271,3 +284,17 @@ def test_intervals_never_leave_the_metric_range(tmp_path):
     assert hd_lo < 0 and none["hd95_mean"]["ci_low"] == 0.0
     joint = next(r for r in rows if r["init"] == "joint" and r["metric"] == "dice_mean")
     assert -1.0 <= joint["diff_ci_low"] < joint["diff_vs_ref"] < joint["diff_ci_high"] <= 1.0
+
+
+def test_study_table_lists_only_the_seeds_it_counts(tmp_path):
+    files = _study(tmp_path / "nan", seeds=3, cases=4)
+    record = json.loads(files[4].read_text(encoding="utf-8"))  # none, fraction 0.25, seed 2
+    assert (record["init"], record["fraction"], record["seed"]) == ("none", 0.25, 2)
+    record["metrics"]["dice_mean"] = float("nan")
+    files[4].write_text(json.dumps(record), encoding="utf-8")
+    rows = run_study("organs", files, tmp_path / "nan.csv", {"bootstrap_samples": 200})
+    cell = next(r for r in rows if r["primary"] and r["init"] == "none" and r["fraction"] == 0.25)
+    assert (cell["n_seeds"], cell["seeds"]) == (2, "0;1")
+    assert cell["ci_method"] == "none: 2 seeds < 3 and 4 test cases < 5; left out, value undefined: seed 2"
+    pair = next(r for r in rows if r["primary"] and r["init"] == "joint" and r["fraction"] == 0.25)
+    assert pair["n_pairs"] == 2 and pair["verdict"] == INCONCLUSIVE

@@ -294,7 +294,7 @@ def study_table(runs: Sequence[RunResult], settings: StudySettings) -> list[dict
                     "init": init,
                     "fraction": fraction,
                     "n_seeds": cell.n,
-                    "seeds": ";".join(str(u.seed) for u in arm),
+                    "seeds": ";".join(str(u.seed) for u in arm if math.isfinite(u.value)),  # those in n_seeds
                     "n_cases": cell.n_cases,
                     "mean": cell.mean,
                     "std": cell.std,
