@@ -6,8 +6,12 @@ affine) is drawn once and applied identically to all its slices — a 3D-consist
 views of a volume each cover their own z window (:func:`select_view_pair`; the windows overlap
 and share one sampling grid, so the slices both views kept pair up as extra 2D items), see their
 z positions scaled and jittered (:func:`augment_z`) and drop their own random subset of slices
-(:func:`drop_slices`): nothing about the slice geometry is common to the two views but the
-anatomy in the overlap, so the 3D objective cannot be solved from positions alone.
+(:func:`drop_slices`). Their extent, slice count, centre and kept slices differ; their slice
+spacing does not fully: both read the one grid (that is what pairs the overlap's slices), each
+then scaled by at most ``1 + z_scale``. So a view's spacing is a weak cue to its partner (a
+reviewer's check found it picks the partner well above chance among simulated CT/MR geometries,
+though a slice attention trained on positions alone did not learn to use it); a wider
+``z_scale`` weakens it.
 
 Flips mirror the anatomy, so they act only along the axes a dataset declares safe
 (``flip_axes``; none by default: a mirrored chest has its heart on the right), mapped from
