@@ -171,7 +171,7 @@ def _own_read(case: Any) -> tuple[float, float]:
         case.image, case.series_uid, resample_gaps=case.resample_gaps, assume_spacing=case.assume_spacing, unscaled=True
     )
     if case.label:
-        load_image(case.label)
+        load_image(case.label, label=True)
     t1 = time.perf_counter()
     image.array.astype(np.float32)
     return t1 - t0, time.perf_counter() - t1

@@ -127,6 +127,28 @@ def write_radiograph_dicom(path, pixels_rows_cols, monochrome1=True, imager_spac
     return path
 
 
+def set_raw_value(path, keyword: str, text: str) -> Path:
+    """Overwrite one element of an explicit-VR little-endian DICOM file with ``text`` as written.
+
+    pydicom refuses to write a malformed value (``SliceThickness '7.2x'``), which scanners and
+    converters do write; the element must already be in the file (it is found before the pixel
+    data, so pixel bytes cannot be mistaken for it).
+    """
+    import struct
+
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    path = Path(path)
+    tag = tag_for_keyword(keyword)
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + dictionary_VR(tag).encode()
+    data = path.read_bytes()
+    at = data.index(head)
+    (length,) = struct.unpack("<H", data[at + 6 : at + 8])
+    value = text.encode("ascii") + (b" " if len(text) % 2 else b"")  # DICOM values have even lengths
+    path.write_bytes(data[: at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + length :])
+    return path
+
+
 def radiograph_pixels(rows=120, cols=90) -> np.ndarray:
     """A MONOCHROME1-style radiograph (rows, cols): dense 'bone' square has LOW raw values."""
     pixels = np.full((rows, cols), 3000, dtype=np.uint16)

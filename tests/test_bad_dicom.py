@@ -7,11 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import LPS_TO_RAS, phantom_ct
+from data_helpers import LPS_TO_RAS, phantom_ct, set_raw_value
 
 from medclust.cli import main
 from medclust.errors import BadInputError
@@ -38,14 +39,23 @@ def write_slices(
     pixel_spacing: str = "0.9\\0.8",
     seed: int = 0,
     first: int = 0,
+    table: tuple[float, float, float] | None = None,
+    decimals: int = 4,
+    header: Callable[[int], dict[str, str]] | None = None,
 ) -> Path:
-    """One CT slice file per position (LPS z in mm), named slice000.dcm, slice001.dcm, ..."""
+    """One CT slice file per position (LPS z in mm), named slice000.dcm, slice001.dcm, ...
+
+    ``table`` is the direction the positions advance in (default: the slice normal; another one is
+    a gantry tilt), ``decimals`` how ImagePositionPatient is rounded, ``header(k)`` header values
+    of slice k that replace the defaults (keyword -> DICOM string).
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
     volume = phantom_ct((*SHAPE, len(z_mm)), seed=seed)
     normal = np.cross(orientation[:3], orientation[3:])
+    along = normal if table is None else np.asarray(table, dtype=np.float64)
     for k, z in enumerate(z_mm):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
@@ -61,8 +71,8 @@ def write_slices(
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.71"
         ds.InstanceNumber = k + 1
-        position = np.array([-20.0, -15.0, 0.0]) + float(z) * normal
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in position]
+        position = np.array([-20.0, -15.0, 0.0]) + float(z) * along
+        ds.ImagePositionPatient = [f"{v:.{decimals}f}" for v in position]
         ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
         ds.PixelSpacing = pixel_spacing.split("\\")
         ds.SliceThickness = f"{STEP:g}"
@@ -71,6 +81,8 @@ def write_slices(
         ds.Rows, ds.Columns = SHAPE[1], SHAPE[0]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
+        for keyword, value in (header(k) if header else {}).items():
+            setattr(ds, keyword, value)
         ds.PixelData = np.ascontiguousarray(volume[..., k].T).astype("<i2").tobytes()
         ds.save_as(str(folder / f"slice{first + k:03d}.dcm"), enforce_file_format=True)
     return folder
@@ -132,6 +144,19 @@ def _tilted(root: Path) -> Path:
     return folder
 
 
+def _gantry_tilt(root: Path) -> Path:
+    """Slices tilted 20 degrees about the x axis, the table moving along z (not along the normal)."""
+    c, s = np.cos(np.deg2rad(20)), np.sin(np.deg2rad(20))
+    return write_slices(root / "gantry_tilt", _regular(), orientation=(1, 0, 0, 0, c, s), table=(0.0, 0.0, 1.0))
+
+
+def _bad_value(root: Path, name: str, keyword: str, bad: str) -> Path:
+    """Four slices; slice002's ``keyword`` reads ``bad`` (as some converters write it)."""
+    folder = write_slices(root / name, _regular(4), header=lambda k: {keyword: "1"} if k == 2 else {})
+    set_raw_value(folder / "slice002.dcm", keyword, bad)
+    return folder
+
+
 def _zero_spacing(root: Path) -> Path:
     return write_slices(root / "zero_spacing", _regular(4), pixel_spacing="0\\0")
 
@@ -173,6 +198,25 @@ BAD: dict[str, tuple] = {
         _tilted,
         "slices with different orientations in one series: slice000.dcm [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], slice004.dcm "
         "[0.9848, 0.1736, 0.0, -0.1736, 0.9848, 0.0]",
+    ),
+    "gantry_tilt": (
+        _gantry_tilt,
+        # slice007 is 17.5 mm further along z: 17.5 x sin(20 deg) = 5.99 mm of it is in-plane
+        "slice positions are not along the slice normal (gantry tilt or shifted stacks: in-plane offset up to 5.99 mm, "
+        "slice007.dcm from slice000.dcm); resample it to an orthogonal grid first",
+    ),
+    "bad_thickness": (
+        lambda root: _bad_value(root, "bad_thickness", "SliceThickness", "7.2x"),
+        "slice file slice002.dcm: SliceThickness '7.2x' is not a number",
+    ),
+    "bad_frames": (
+        lambda root: _bad_value(root, "bad_frames", "NumberOfFrames", "3x"),
+        "slice file slice002.dcm: NumberOfFrames '3x' is not a number",
+    ),
+    "bad_slope": (
+        # GDCM reads '1.7x' as 1.7 and the series passed, its values silently off
+        lambda root: _bad_value(root, "bad_slope", "RescaleSlope", "1.7x"),
+        "slice file slice002.dcm: RescaleSlope '1.7x' is not a number",
     ),
     "zero_spacing": (_zero_spacing, "invalid geometry: PixelSpacing 0\\0 mm in slice000.dcm (each must be a positive number)"),
     "not_dicom": (_not_dicom, "slice file slice004.dcm is not a DICOM file"),
@@ -326,3 +370,29 @@ def test_series_uid_column_picks_one_series_of_a_folder(tmp_path):
     cases = json.loads((out / "cases.json").read_text(encoding="utf-8"))["cases"]
     assert [c["series_uid"] for c in cases] == [f"{SERIES}.1", f"{SERIES}.2"]
     assert load_image(folder, f"{SERIES}.2").affine[2, 3] == pytest.approx(50.0)
+
+
+def test_oblique_positions_rounded_to_a_tenth_of_a_mm_are_still_along_the_normal(tmp_path):
+    """The in-plane check tolerates header rounding: a real oblique series is not a gantry tilt."""
+    c, s = np.cos(np.deg2rad(20)), np.sin(np.deg2rad(20))
+    folder = write_slices(
+        tmp_path / "oblique", _regular(), orientation=(c, 0, s, 0, 1, 0), decimals=1, pixel_spacing="0.5\\0.5"
+    )
+    image = load_image(folder)  # up to 0.065 mm in-plane from the rounding: more than a tenth of a pixel
+    assert image.shape == (16, 12, 8)
+    normal = LPS_TO_RAS[:3, :3] @ np.array([-s, 0.0, c])
+    np.testing.assert_allclose(image.affine[:3, 2], normal * STEP, atol=0.02)
+
+
+@pytest.mark.parametrize("unscaled", [False, True])
+def test_per_slice_rescale_is_read_in_float_not_in_the_first_slices_type(tmp_path, unscaled):
+    """GDCM took the first slice's integer type: later slices' 0.5 steps were truncated."""
+    rescale = [("-1024", "1"), ("-1024.5", "0.5"), ("-1000", "1"), ("-1024.5", "0.5")]  # (intercept, slope)
+    folder = write_slices(
+        tmp_path / "rescale", _regular(4), header=lambda k: dict(zip(("RescaleIntercept", "RescaleSlope"), rescale[k]))
+    )
+    image = load_image(folder, unscaled=unscaled)  # preprocessing reads with unscaled=True
+    assert image.array.dtype == np.float32 and "intensity_scale" not in image.meta
+    stored = phantom_ct((*SHAPE, 4)).astype(np.float64)
+    expected = np.stack([stored[..., k] * float(m) + float(b) for k, (b, m) in enumerate(rescale)], axis=-1)
+    np.testing.assert_array_equal(image.array, expected)  # halves of HU are exact in float32

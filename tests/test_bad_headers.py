@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from data_helpers import phantom_ct, radiograph_pixels, save_nifti, write_radiograph_dicom
+from data_helpers import phantom_ct, radiograph_pixels, save_nifti, set_raw_value, write_radiograph_dicom
 
 from medclust.cli import main
 from medclust.errors import BadInputError
@@ -66,6 +66,18 @@ def _nrrd(path: Path, fields: str, data: bytes, sizes: str = "12 10 4") -> Path:
 
 
 RAW = np.ascontiguousarray(VOLUME.T).tobytes()  # NRRD is x fastest
+
+
+def _radiograph_value(path: Path, keyword: str, bad: str) -> Path:
+    """A radiograph whose ``keyword`` reads ``bad`` (as some converters write it)."""
+    import pydicom
+
+    write_radiograph_dicom(path, radiograph_pixels(20, 16))
+    ds = pydicom.dcmread(path)
+    setattr(ds, keyword, "1")
+    ds.save_as(path)
+    return set_raw_value(path, keyword, bad)
+
 
 # name -> (make(folder) -> file, expected reason (or a function of the file))
 BAD: dict[str, tuple] = {
@@ -135,6 +147,15 @@ BAD: dict[str, tuple] = {
         lambda d: write_radiograph_dicom(d / "radiograph_zero_spacing.dcm", radiograph_pixels(20, 16), imager_spacing=(0.0, 0.0)),
         "invalid geometry: ImagerPixelSpacing 0\\0 mm (an uncalibrated detector: its pixel size is unknown); "
         "set the dataset's assume_pixel_spacing to accept it",
+    ),
+    # these crashed with a NumPy/int() traceback naming no file, which `skip` could not skip
+    "radiograph_bad_slope": (
+        lambda d: _radiograph_value(d / "radiograph_bad_slope.dcm", "RescaleSlope", "1.7x"),
+        "RescaleSlope '1.7x' is not a number",
+    ),
+    "radiograph_bad_frames": (
+        lambda d: _radiograph_value(d / "radiograph_bad_frames.dcm", "NumberOfFrames", "3x"),
+        "NumberOfFrames '3x' is not a number",
     ),
     "radiograph_negative_spacing": (
         lambda d: write_radiograph_dicom(d / "radiograph_negative_spacing.dcm", radiograph_pixels(20, 16), imager_spacing=(-0.2, 0.2)),

@@ -116,7 +116,30 @@ def _label_broken_link(folder: Path) -> tuple[str, str]:
     return image, "lbl_link.nii.gz"
 
 
+def _multi_page_tiff(folder: Path) -> tuple[str, str]:
+    from PIL import Image
+
+    pages = [Image.fromarray(np.full((16, 20), 40 * k, np.uint8)) for k in range(3)]
+    pages[0].save(folder / "stack.tif", save_all=True, append_images=pages[1:])
+    return "stack.tif", ""
+
+
+def _label_colour(folder: Path) -> tuple[str, str]:
+    from PIL import Image
+
+    grey = np.arange(16 * 20, dtype=np.uint8).reshape(16, 20)
+    Image.fromarray(grey).save(folder / "photo.png")
+    colour = np.zeros((16, 20, 3), np.uint8)
+    colour[4:8, 4:8] = (255, 0, 0)  # class 1 painted red
+    Image.fromarray(colour).save(folder / "photo_mask.png")
+    return "photo.png", "photo_mask.png"
+
+
 BAD = {
+    "multi_page_tiff": (_multi_page_tiff, "stack.tif", r"multi-page image \(3 pages\): store each page as its own file"),
+    "label_colour": (
+        _label_colour, "photo_mask.png", r"colour label image: store class indices as a greyscale or palette PNG$"
+    ),
     "truncated": (_truncated, "truncated.nii.gz", r"truncated or corrupt file"),
     "not_an_image": (_not_an_image, "notes.nii.gz", r"not an image"),
     "four_d": (_four_d, "fmri.nii.gz", r"4D image \(shape \(8, 8, 4, 3\)\): only 2D images and 3D volumes"),

@@ -206,6 +206,28 @@ def test_dicom_seg_references_every_slice(tmp_path, varied, new_scans):
         np.testing.assert_array_equal(np.asarray(mask), np.where(expected > 0, expected, 0))
 
 
+def test_dicom_seg_of_a_one_slice_series(tmp_path):
+    """A one-slice series is read as a 2D image: its 2D label map used to crash (labels.shape[2])."""
+    from types import SimpleNamespace
+
+    import highdicom as hd
+
+    from medclust.predict.dicom_seg import write_dicom_seg
+
+    hu, truth = ct_volume(shape=(20, 16, 3), seed=3)
+    folder = write_dicom_series(tmp_path / "one", hu[..., 1:2], ras_affine(angles_deg=(0.0, 0.0, 10.0)))
+    image = load_image(folder)
+    labels = truth[..., 1]
+    assert image.array.ndim == 2 and labels.shape == image.shape
+    out = write_dicom_seg(tmp_path / "one.seg.dcm", labels, image, {0: "bg", 1: "disc", 2: "block"}, SimpleNamespace(name="toy"))
+    seg = hd.seg.segread(out)
+    (mask,) = seg.get_pixels_by_source_instance(
+        [seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID],
+        combine_segments=True, skip_overlap_checks=True,
+    )
+    np.testing.assert_array_equal(np.asarray(mask), labels.T)
+
+
 def test_bad_inputs_skip_or_fail_with_one_line(tmp_path, seg_run, new_scans, caplog, capsys):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b not really gzip")

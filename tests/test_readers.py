@@ -75,6 +75,67 @@ def test_png_colour_to_grey_and_monai_axis_order(tmp_path):
     assert data.shape == (50, 30) and data.array[:, :10].min() == 255 and data.array[:, 10:].max() == 0
 
 
+def _palette_label(path: Path) -> np.ndarray:
+    """Class indices 0, 1, 2 saved as a palette PNG (black, red, green), the usual mask export."""
+    from PIL import Image
+
+    indices = np.zeros((24, 32), np.uint8)
+    indices[4:10, 4:12] = 1
+    indices[14:20, 10:28] = 2
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    image.save(path)
+    return indices
+
+
+def test_a_palette_png_label_keeps_its_class_indices_through_ingest_and_preprocessing(tmp_path):
+    from PIL import Image
+
+    from medclust.io.slice_store import read_case
+    from medclust.preprocess.ingest import check_case
+    from medclust.preprocess.pipeline import preprocess_case
+
+    indices = _palette_label(tmp_path / "mask.png")
+    Image.fromarray((np.arange(24 * 32).reshape(24, 32) % 200).astype(np.uint8)).save(tmp_path / "xr.png")
+    entry = CaseEntry("xr", str(tmp_path / "xr.png"), label=str(tmp_path / "mask.png"), modality="XR")
+    # converted to grey, indices 1 and 2 became 76 and 150: other classes that passed QC
+    _, label = check_case(entry)
+    np.testing.assert_array_equal(label.array, indices.T)
+    store = read_case(preprocess_case(entry, {"spacing": [1.0, 1.0, 1.0], "size": [24, 32]}, tmp_path / "xr.h5", "x"))
+    assert sorted(np.unique(store.label).tolist()) == [0, 1, 2]
+    # read as an image (not a label), the palette is still shown as grey levels
+    assert sorted(np.unique(load_image(tmp_path / "mask.png").array).tolist()) == [0, 76, 150]
+
+
+def test_a_colour_label_is_refused_and_a_grey_one_stored_as_rgb_is_not(tmp_path):
+    from PIL import Image
+
+    indices = _palette_label(tmp_path / "mask.png")
+    colour = tmp_path / "colour.png"
+    Image.open(tmp_path / "mask.png").convert("RGB").save(colour)
+    with pytest.raises(BadInputError) as caught:
+        load_image(colour, label=True)
+    assert str(caught.value) == f"{colour}: colour label image: store class indices as a greyscale or palette PNG"
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.repeat(indices[..., None], 3, axis=2)).save(grey)
+    np.testing.assert_array_equal(load_image(grey, label=True).array, indices.T)
+    Image.fromarray(indices).save(tmp_path / "plain.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "plain.png", label=True).array, indices.T)
+
+
+def test_a_multi_page_tiff_is_refused_not_cut_to_its_first_page(tmp_path):
+    from PIL import Image
+
+    pages = [Image.fromarray(np.full((16, 20), 40 * k, np.uint8)) for k in range(3)]
+    stack = tmp_path / "stack.tif"
+    pages[0].save(stack, save_all=True, append_images=pages[1:])
+    with pytest.raises(BadInputError) as caught:
+        load_image(stack)
+    assert str(caught.value) == f"{stack}: multi-page image (3 pages): store each page as its own file, or a volume as NIfTI"
+    pages[0].save(tmp_path / "one.tif")
+    assert load_image(tmp_path / "one.tif").shape == (20, 16)
+
+
 def test_unsupported_and_missing_paths(tmp_path):
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(BadInputError, match="unsupported file type"):

@@ -57,6 +57,7 @@ class SliceHeader:
     modality: str | None
     thickness: float | None
     pixels: dict[str, Any] | None = None  # how the pixel data are stored (medclust.io.dicom_pixels)
+    rescale: tuple[float, float] = (1.0, 0.0)  # RescaleSlope, RescaleIntercept (1, 0 when absent)
 
 
 def is_dicom_file(path: str | os.PathLike[str]) -> bool:
@@ -105,6 +106,24 @@ def _numbers(value: Any, count: int) -> np.ndarray | None:
     return numbers if numbers.size == count else np.full(count, np.nan)
 
 
+def _header_number(ds: Any, keyword: str, kind: type, name: str, folder: str | os.PathLike[str]) -> Any:
+    """``kind(value)`` of one header element, None if it is absent or empty.
+
+    Raises:
+        BadInputError: the value is not a number (``'7.2x'``): named here, with the file, because
+            a bare ValueError from deep in ingest names neither and cannot be skipped.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on the malformed value: reported below instead
+        value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise BadInputError(folder, f"slice file {name}: {keyword} {str(value)!r} is not a number") from None
+
+
 def _read_dataset(path: Path, folder: str | os.PathLike[str]) -> Any:
     """pydicom dataset of one file, large values (pixel data) deferred; a file without the
     128-byte preamble is read too (GDCM reads those), a file that is not DICOM is an error."""
@@ -134,7 +153,8 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
         None for a DICOM file that is not an image (DICOMDIR, structured report ...).
 
     Raises:
-        BadInputError: unreadable, truncated, or pixel data shorter than the header needs.
+        BadInputError: unreadable, truncated, pixel data shorter than the header needs, or a
+            NumberOfFrames, SliceThickness or rescale value that is not a number.
     """
     name = path.name
     size = path.stat().st_size
@@ -144,7 +164,7 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
     if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP or "Rows" not in ds:
         return None
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = _header_number(ds, "NumberOfFrames", int, name, folder) or 1
     if _PIXEL_DATA not in ds:
         raise BadInputError(folder, f"slice file {name} has no pixel data (truncated?)")
     element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
@@ -164,7 +184,9 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
                     folder,
                     f"slice file {name} holds {length:,} bytes of pixel data, its {columns}x{rows} header needs {needed:,}",
                 )
-    thickness = ds.get("SliceThickness")
+    thickness = _header_number(ds, "SliceThickness", float, name, folder)
+    slope = _header_number(ds, "RescaleSlope", float, name, folder)
+    intercept = _header_number(ds, "RescaleIntercept", float, name, folder)
     spacing = _numbers(ds.get("PixelSpacing"), 2)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     pixels = None
@@ -186,8 +208,9 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
         columns=columns,
         frames=frames,
         modality=modality_from_tag(ds.get("Modality")),
-        thickness=float(thickness) if thickness not in (None, "") else None,
+        thickness=thickness,
         pixels=pixels,
+        rescale=(1.0 if slope is None else slope, 0.0 if intercept is None else intercept),
     )
 
 

@@ -6,7 +6,8 @@ Supported inputs:
   ``.nrrd``) via SimpleITK; a DICOM series (a folder) via :mod:`medclust.io.dicom_series`
   (every slice's header is checked: one series, one orientation, positions along the slice
   normal unique and regular; GDCM applies the rescale slope/intercept, so CT is in HU).
-- 2D images: PNG/JPEG/BMP/TIFF via Pillow (colour is converted to luminance) and single-frame
+- 2D images: PNG/JPEG/BMP/TIFF via Pillow (colour is converted to luminance, except in a label
+  map, whose palette indices are its classes; a multi-page file is refused) and single-frame
   DICOM via pydicom (modality LUT applied, ``MONOCHROME1`` inverted so that bright = dense).
 
 Every reader returns :class:`ImageData`: ``array`` in the file's own voxel order (x, y, z for
@@ -32,6 +33,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -220,7 +222,8 @@ def read_dicom_2d(
 
     Raises:
         BadInputError: unreadable, truncated, no pixel data, multi-frame, more than
-            ``max_voxels`` pixels, or an invalid pixel spacing.
+            ``max_voxels`` pixels, an invalid pixel spacing, or a NumberOfFrames or rescale
+            value that is not a number.
     """
     import pydicom
     from pydicom.pixels import apply_modality_lut
@@ -233,7 +236,19 @@ def read_dicom_2d(
         raise read_failure(path, err) from err
     if "PixelData" not in ds:
         raise BadInputError(path, "DICOM file without pixel data (not an image)")
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns on a malformed value: reported below instead
+        declared = {key: ds.get(key) for key in ("NumberOfFrames", "RescaleSlope", "RescaleIntercept")}
+    for key, value in declared.items():
+        if value is None or value == "":
+            continue
+        convert = int if key == "NumberOfFrames" else float
+        try:
+            # checked here: int() and apply_modality_lut fail on '3x' with a traceback naming no file
+            convert(value)
+        except (TypeError, ValueError):
+            raise BadInputError(path, f"{key} {str(value)!r} is not a number") from None
+    frames = int(declared["NumberOfFrames"] or 1)
     if frames > 1:
         raise BadInputError(path, f"multi-frame DICOM ({frames} frames) is not supported; convert it to NIfTI")
     check_voxel_count(path, (int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0)), max_voxels)
@@ -245,7 +260,10 @@ def read_dicom_2d(
     if samples > 1:
         pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     else:
-        pixels = apply_modality_lut(pixels, ds)
+        try:
+            pixels = apply_modality_lut(pixels, ds)
+        except (TypeError, ValueError) as err:  # a malformed modality LUT sequence
+            raise read_failure(path, err) from err
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "MONOCHROME1":
         # min + max - x keeps the value range and dtype meaning; percentile scaling follows.
@@ -289,7 +307,31 @@ def read_dicom_2d(
     return ImageData(array=array, affine=affine, path=str(path), kind="dicom", modality=modality, meta=meta)
 
 
-def read_image_2d(path: str | os.PathLike[str], max_voxels: int | None = None) -> ImageData:
+def _label_pixels(img: Any, path: str | os.PathLike[str]) -> np.ndarray:
+    """Class indices of a 2D label image: a palette image's indices, a grey image's values.
+
+    Converting to luminance would turn palette indices 0, 1, 2 into grey levels 0, 76, 150 that
+    pass QC as other classes, so a palette is not converted, and a colour image is accepted only
+    when it is grey in disguise (all channels equal).
+
+    Raises:
+        BadInputError: a colour image whose channels differ.
+    """
+    if img.mode == "P":
+        return np.asarray(img)
+    if img.mode == "PA":
+        return np.asarray(img)[..., 0]  # the index channel; the alpha says nothing about classes
+    if img.mode == "LA":
+        return np.asarray(img.getchannel("L"))
+    if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr"):
+        rgb = np.asarray(img.convert("RGB"))
+        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all()):
+            raise BadInputError(path, "colour label image: store class indices as a greyscale or palette PNG")
+        return rgb[..., 0]
+    return np.asarray(img)
+
+
+def read_image_2d(path: str | os.PathLike[str], max_voxels: int | None = None, *, label: bool = False) -> ImageData:
     """Read a PNG/JPEG/BMP/TIFF image (grey levels kept; colour converted to luminance).
 
     Such files carry no reliable physical spacing, so 1 mm per pixel is assumed.
@@ -297,6 +339,12 @@ def read_image_2d(path: str | os.PathLike[str], max_voxels: int | None = None) -
     Args:
         path: the image file.
         max_voxels: the most pixels accepted (None: no limit), checked before decoding.
+        label: the file is a label map: palette indices are kept as the class values (not
+            converted to grey) and a colour image is refused unless its channels are equal.
+
+    Raises:
+        BadInputError: empty, unreadable, more than one page (multi-page TIFF), not a 2D image,
+            or, for a label, a colour image.
     """
     from PIL import Image
 
@@ -304,11 +352,20 @@ def read_image_2d(path: str | os.PathLike[str], max_voxels: int | None = None) -
         raise BadInputError(path, "empty image file (0 bytes)")
     try:
         with Image.open(str(path)) as img:
+            pages = int(getattr(img, "n_frames", 1))
+            if pages > 1:
+                # Pillow reads the first page only: the other pages would vanish without a word
+                raise BadInputError(
+                    path, f"multi-page image ({pages} pages): store each page as its own file, or a volume as NIfTI"
+                )
             check_voxel_count(path, tuple(img.size), max_voxels)
             img.load()
-            if img.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "PA"):
-                img = img.convert("L")
-            pixels = np.asarray(img)
+            if label:
+                pixels = _label_pixels(img, path)
+            else:
+                if img.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "PA"):
+                    img = img.convert("L")
+                pixels = np.asarray(img)
         if pixels.ndim != 2:
             raise BadInputError(path, f"not a single-channel 2D image (shape {pixels.shape})")
     except BadInputError:
@@ -328,6 +385,7 @@ def load_image(
     resample_gaps: bool = False,
     assume_spacing: Sequence[float] | None = None,
     unscaled: bool = False,
+    label: bool = False,
 ) -> ImageData:
     """Load any supported image (see the module docstring).
 
@@ -342,6 +400,8 @@ def load_image(
             usable pixel spacing (the dataset's ``assume_pixel_spacing``).
         unscaled: NIfTI and uncompressed DICOM series: stored values plus
             ``meta["intensity_scale"]`` (see :func:`read_nifti`, :func:`read_dicom_series`).
+        label: the file is a label map: a PNG/TIFF keeps its palette indices as class values
+            (see :func:`read_image_2d`); every other format is read as usual.
 
     Returns:
         The image with its RAS affine.
@@ -360,7 +420,7 @@ def load_image(
         return read_dicom_series(path, series_uid, resample_gaps=resample_gaps, max_voxels=max_voxels, unscaled=unscaled)
     if kind == "dicom":
         return read_dicom_2d(path, max_voxels, assume_spacing)
-    return read_image_2d(path, max_voxels)
+    return read_image_2d(path, max_voxels, label=label)
 
 
 def dicom_series_ids(folder: str | os.PathLike[str]) -> list[str]:

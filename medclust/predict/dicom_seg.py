@@ -47,6 +47,8 @@ def source_frames(image: ImageData, labels: np.ndarray) -> list[tuple[Any, np.nd
         raise BadInputError(image.path, "DICOM SEG needs a DICOM input")
     import SimpleITK as sitk
 
+    # a one-slice series is read as a 2D image: its label map is that one slice, k = 0
+    labels = labels[..., None] if labels.ndim == 2 else labels
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(image.path), image.meta.get("series_uid") or "")
     inverse = np.linalg.inv(np.asarray(image.affine, dtype=np.float64))
     out = []

@@ -153,7 +153,7 @@ def check_case(entry: CaseEntry, max_voxels: int | None = None) -> tuple[ImageDa
         raise BadInputError(entry.image, "modality unknown: set `modality` for the dataset or a manifest column")
     label = None
     if entry.label:
-        label = load_image(entry.label, max_voxels=max_voxels)
+        label = load_image(entry.label, max_voxels=max_voxels, label=True)
         _check_label(label, image)
     return image, label
 

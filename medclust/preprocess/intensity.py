@@ -244,7 +244,7 @@ def _foreground_samples(
         )
         array = np.asarray(image.array)
         if foreground == "labels":
-            label = np.asarray(load_image(case.label).array)  # type: ignore[arg-type]
+            label = np.asarray(load_image(case.label, label=True).array)  # type: ignore[arg-type]
             if label.shape != array.shape:
                 raise BadInputError(case.label, f"label shape {label.shape} differs from image shape {array.shape}")
             mask = label > 0

@@ -390,7 +390,7 @@ def preprocess_case(
         entry.image, entry.series_uid, resample_gaps=entry.resample_gaps, assume_spacing=entry.assume_spacing,
         unscaled=True,  # NIfTI slope/intercept applied per slab in float32 (preprocess_image)
     )
-    label = load_image(entry.label) if entry.label else None
+    label = load_image(entry.label, label=True) if entry.label else None
     loaded = time.perf_counter()
     modality = entry.modality or image.modality
     if modality is None:
