@@ -107,6 +107,14 @@ def test_a_palette_png_label_keeps_its_class_indices_through_ingest_and_preproce
     assert sorted(np.unique(load_image(tmp_path / "mask.png").array).tolist()) == [0, 76, 150]
 
 
+def test_palette_png_ground_truth_is_scored_on_its_class_indices(tmp_path):
+    from medclust.evaluate.run_records import _load_label_map
+
+    indices = _palette_label(tmp_path / "truth.png")
+    data, _, _ = _load_label_map(tmp_path / "truth.png", "label")
+    np.testing.assert_array_equal(data, indices.T)
+
+
 def test_a_colour_label_is_refused_and_a_grey_one_stored_as_rgb_is_not(tmp_path):
     from PIL import Image
 

@@ -89,7 +89,7 @@ def _load_label_map(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tupl
     from medclust.io.readers import load_image
 
     try:
-        image = load_image(path)
+        image = load_image(path, label=True)  # a palette PNG keeps its class indices
     except BadInputError as err:
         raise BadInputError(path, f"cannot read {what}: {err.reason}") from err
     data = np.asarray(image.array)
