@@ -230,6 +230,32 @@ def test_dicom_folder_discovery_one_case_per_series(tmp_path):
     assert [e.case_id for e in single] == ["patientB"] and single[0].modality is None  # header decides later
 
 
+def test_a_folder_of_radiographs_is_one_2d_case_per_file_beside_its_series(tmp_path):
+    # Two views of one radiographic series (they share a SeriesInstanceUID) and one of another,
+    # next to a CT series: each radiograph is a 2D image (no position in a volume), the CT one case.
+    folder = tmp_path / "study"
+    write_dicom_series(folder, phantom_ct((8, 8, 3)))
+    import pydicom
+
+    for name, series in (("pa", "1.2.3.1"), ("lateral", "1.2.3.1"), ("other", "1.2.3.2")):
+        path = write_radiograph_dicom(folder / f"{name}.dcm", radiograph_pixels(12, 10))
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = series
+        ds.save_as(path, enforce_file_format=True)
+    entries = discover({"name": "d", "format": "dicom", "path": str(folder)})
+    assert [(e.case_id, Path(e.image).name, e.series_uid is None) for e in entries] == [
+        ("study_lateral", "lateral.dcm", True), ("study_other", "other.dcm", True), ("study_pa", "pa.dcm", True),
+        ("study_s0", "study", False),
+    ]
+    for entry in entries:
+        image = load_image(entry.image, entry.series_uid)
+        assert image.array.shape == ((10, 12) if entry.series_uid is None else (8, 8, 3))
+    # `medclust predict --input study/` finds the same four images
+    from medclust.predict.inputs import collect_inputs
+
+    assert sorted(e.case_id for e in collect_inputs([folder])) == [e.case_id for e in entries]
+
+
 def test_images_folder_discovery(tmp_path):
     from PIL import Image
 

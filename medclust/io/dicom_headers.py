@@ -19,7 +19,10 @@ import numpy as np
 from medclust.errors import BadInputError
 from medclust.io.image import path_problem, read_failure
 
-__all__ = ["DICOM_SUFFIXES", "SliceHeader", "candidate_files", "is_dicom_file", "modality_from_tag", "read_slice_header", "series_uids"]
+__all__ = [
+    "DICOM_SUFFIXES", "FolderImages", "SliceHeader", "candidate_files", "folder_images", "is_dicom_file",
+    "modality_from_tag", "read_slice_header",
+]
 
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -214,12 +217,31 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
     )
 
 
-def series_uids(folder: str | os.PathLike[str]) -> list[str]:
-    """SeriesInstanceUIDs of the images directly inside ``folder``, sorted (unreadable files and
-    links are left for :func:`scan_series` to report)."""
+@dataclass(frozen=True)
+class FolderImages:
+    """The DICOM images directly inside a folder, as discovery needs them.
+
+    Attributes:
+        series: SeriesInstanceUID -> the files of that series that are slices of a volume (they
+            carry an ``ImagePositionPatient``), by name.
+        projections: files without a position (CR, DX, MG radiographs): each is a 2D image of its
+            own, whatever series it belongs to.
+        unreadable: DICOM files whose header could not be read (left for reading to report).
+    """
+
+    series: dict[str, list[Path]]
+    projections: list[Path]
+    unreadable: list[Path]
+
+
+def folder_images(folder: str | os.PathLike[str]) -> FolderImages:
+    """Sort the images directly inside ``folder`` into volume series and projection images
+    (links and non-DICOM files are left for :func:`scan_series` to report)."""
     import pydicom
 
-    uids = set()
+    series: dict[str, list[Path]] = {}
+    projections: list[Path] = []
+    unreadable: list[Path] = []
     root = Path(folder)
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         path = root / entry.name
@@ -228,10 +250,15 @@ def series_uids(folder: str | os.PathLike[str]) -> list[str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tags = ["SeriesInstanceUID", "SOPClassUID", "Rows"]
+                tags = ["SeriesInstanceUID", "SOPClassUID", "Rows", "ImagePositionPatient"]
                 ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=tags)
         except Exception:
+            unreadable.append(path)
             continue
-        if "Rows" in ds and str(ds.get("SOPClassUID", "")) != _DICOMDIR_SOP:
-            uids.add(str(ds.get("SeriesInstanceUID", "") or ""))
-    return sorted(uids)
+        if "Rows" not in ds or str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP:
+            continue
+        if ds.get("ImagePositionPatient") in (None, ""):
+            projections.append(path)
+        else:
+            series.setdefault(str(ds.get("SeriesInstanceUID", "") or ""), []).append(path)
+    return FolderImages(series, projections, unreadable)

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from medclust.errors import BadInputError
-from medclust.io.dicom_headers import DICOM_SUFFIXES, is_dicom_file, modality_from_tag, series_uids
+from medclust.io.dicom_headers import DICOM_SUFFIXES, is_dicom_file, modality_from_tag
 from medclust.io.dicom_series import read_dicom_series
 from medclust.io.header_checks import check_itk_file, check_nifti_file, check_voxel_count
 from medclust.io.image import (
@@ -423,18 +423,12 @@ def load_image(
     return read_image_2d(path, max_voxels, label=label)
 
 
-def dicom_series_ids(folder: str | os.PathLike[str]) -> list[str]:
-    """SeriesInstanceUIDs of the DICOM series directly inside ``folder`` (not recursive), sorted."""
-    return series_uids(folder)
-
-
 __all__ = [
     "DICOM_SUFFIXES",
     "IMAGE_2D_SUFFIXES",
     "ITK_SUFFIXES",
     "NIFTI_SUFFIXES",
     "ImageData",
-    "dicom_series_ids",
     "image_kind",
     "is_dicom_file",
     "load_image",

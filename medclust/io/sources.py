@@ -46,12 +46,12 @@ from medclust.io.case_entry import (
     strip_image_suffix,
 )
 from medclust.io.case_ids import make_case_ids_unique, name_hash, sanitize_case_id
+from medclust.io.dicom_headers import folder_images
 from medclust.io.image import path_problem
 from medclust.io.readers import (
     DICOM_SUFFIXES,
     IMAGE_2D_SUFFIXES,
     NIFTI_SUFFIXES,
-    dicom_series_ids,
     is_dicom_file,
 )
 
@@ -262,7 +262,9 @@ def discover_dicom(folder: str | os.PathLike[str], modality: str | None = None) 
 
     A folder that directly holds the slices of one series is one case named after the folder.
     A folder holding several series yields one case per series (``_s0``, ``_s1`` ... by UID).
-    A one-file series is a 2D image and is read with pydicom (``MONOCHROME1`` handled).
+    A file without ``ImagePositionPatient`` (a CR/DX/MG radiograph) is a 2D image of its own
+    (``{folder}_{file}``; a radiographic series of several views is several images), read with
+    pydicom (``MONOCHROME1`` handled), as is a folder's only file.
     Symbolic links to folders are followed (each real folder once). A folder with an entry that
     cannot be opened (a broken symbolic link, a link loop) is one case whose QC reports it,
     never a series silently missing a slice.
@@ -292,13 +294,21 @@ def discover_dicom(folder: str | os.PathLike[str], modality: str | None = None) 
         rel = here.relative_to(root)
         name = root.name if str(rel) == "." else "_".join(rel.parts)
         base = sanitize_case_id(name)
-        uids = dicom_series_ids(here) if files else []
-        if broken or len(uids) <= 1:
+        found = folder_images(here)
+        if broken or found.unreadable or len(found.series) + len(found.projections) <= 1:
             # One case; reading it reports broken links, unreadable files or a missing series.
             image = files[0] if len(files) == 1 and not broken else here
             entries.append(CaseEntry(case_id=base, image=os.path.normpath(image), modality=dataset_modality, source_name=name))
             continue
-        for k, uid in enumerate(uids):
+        for path in found.projections:
+            stem = strip_image_suffix(path.name)
+            entries.append(
+                CaseEntry(
+                    case_id=sanitize_case_id(f"{name}_{stem}"), image=os.path.normpath(path), modality=dataset_modality,
+                    source_name=f"{name}_{stem}",
+                )
+            )
+        for k, uid in enumerate(sorted(found.series)):
             entries.append(
                 CaseEntry(
                     case_id=f"{base}_s{k}", image=os.path.normpath(here), modality=dataset_modality,
