@@ -270,3 +270,17 @@ def test_queues_that_would_hold_stale_copies_of_the_data_are_flagged(stores: dic
     PretrainTask("joint", resolve_settings(tiny_settings(queue_length=16, queue_length_3d=4)), cases)
     assert "queue_length=16 is 41% of the 39 2D items" in caplog.text
     assert "queue_length_3d=4 holds several copies of each of the 4 volumes" in caplog.text
+
+
+def test_more_volume_prototypes_than_volumes_per_assignment_is_flagged(stores: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    cases = collect_cases(stores)  # 4 training volumes
+    caplog.set_level(logging.WARNING, logger="medclust.pretrain")
+    PretrainTask("joint", resolve_settings(tiny_settings(k_3d=3, batch_size_3d=2, queue_length_3d=1)), cases)
+    assert "k_3d" not in caplog.text
+    PretrainTask("joint", resolve_settings(tiny_settings(k_3d=4, batch_size_3d=2)), cases)
+    assert ("k_3d=4 volume prototypes for 2 distinct volumes per assignment (batch_size_3d 2 + queue_length_3d 0, "
+            "4 training volumes): equal partition spreads each volume over >= 2.0 prototypes, so the volume loss "
+            "cannot fall below ln(2.0) = 0.693; use k_3d <= 2") in caplog.text  # fmt: skip
+    caplog.clear()
+    PretrainTask("swav2d", resolve_settings(tiny_settings(k_3d=4, batch_size_3d=2)), cases)  # no 3D objective
+    assert "k_3d" not in caplog.text

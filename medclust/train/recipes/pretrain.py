@@ -66,6 +66,7 @@ from medclust.train.recipes.pretrain_settings import (
     THREE_D_KEYS,
     build_joint_model,
     resolve_settings,
+    warn_on_assignment_sizes,
 )
 from medclust.train.seeding import derive_seed, loader_generator, worker_init_fn
 from medclust.train.trainer import Trainer, TrainerConfig
@@ -114,7 +115,7 @@ class PretrainTask:
             log.warning("pretrain: no volume (>= 2 slices) among the cases; the joint method trains its 2D objective only")
             self.uses_3d = False
         self.batch_3d = self.s["batch_size_3d"] if self.uses_3d else 0
-        self._check_queues()
+        warn_on_assignment_sizes(self.s, self.num_items, self.num_volumes if self.uses_3d else 0, self.batch_3d)
         self.reuse_slices = self.uses_3d and bool(self.s["volume_slices_in_2d"])
         # batch_size_2d counts the 2D images of a step; reused volume slices take their share of it,
         # so the joint step encodes no more images than a swav2d step of the same batch_size_2d
@@ -135,31 +136,6 @@ class PretrainTask:
         self.bank: MemoryBank | None = None
         self.assignments: Tensor | None = None
         self._centroids_loaded = False
-
-    def _check_queues(self) -> None:
-        """Warn about a feature queue that the data cannot fill with other samples.
-
-        A queue stands in for the rest of the dataset in the equal-partition problem. When it
-        holds a large share of a small dataset it is mostly stale views of the very items being
-        clustered, and a common drift of the features is then rewarded (the batch takes the
-        clusters the stale queue leaves free): on the demo (167 2D items, queue 128) the loss
-        rose from 3.5 to 6.4 after step 10 and the volume loss swung between 0.5 and 6.6. A
-        volume queue longer than the number of volumes holds several copies of each, and
-        equal partition then splits one volume across prototypes anew at every step.
-        """
-        queue_2d, queue_3d = int(self.s["queue_length"]), int(self.s["queue_length_3d"]) if self.uses_3d else 0
-        if queue_2d and queue_2d * 4 > self.num_items:
-            log.warning(
-                "pretrain: queue_length=%d is %.0f%% of the %d 2D items: the queue would mostly hold stale views of the items "
-                "being clustered; use a queue well below a quarter of the dataset, or 0",
-                queue_2d, 100 * queue_2d / self.num_items, self.num_items,
-            )
-        if queue_3d and queue_3d >= self.num_volumes:
-            log.warning(
-                "pretrain: queue_length_3d=%d holds several copies of each of the %d volumes (equal partition then splits "
-                "a volume across prototypes); use fewer entries than volumes, or 0",
-                queue_3d, self.num_volumes,
-            )
 
     # -- TrainTask -------------------------------------------------------------------------------
 
