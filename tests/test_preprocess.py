@@ -191,6 +191,27 @@ def test_nifti_and_dicom_of_the_same_volume_give_the_same_store(tmp_path):
     np.testing.assert_allclose(a.image, b.image, atol=1e-5)
 
 
+def test_one_slice_of_a_ct_is_stored_like_that_slice_of_the_volume(tmp_path):
+    # A one-slice CT (a NIfTI X x Y x 1, or a single slice file of a DICOM series) is a thin volume:
+    # oriented to RAS and resampled to the target spacing like the volume it comes from, not fit
+    # to size unoriented like a radiograph (which mirrored it against the model's volumes).
+    vol = phantom_ct((24, 20, 6))
+    folder = write_dicom_series(tmp_path / "series", vol, spacing=(1.0, 1.0, 2.5), origin_lps=(-5.0, 7.0, 30.0))
+    settings = _settings(spacing=[2.0, 2.0, 2.5], size=[16, 16])
+    whole = preprocess_image(load_image(folder), "CT", settings)
+    lps = np.diag([1.0, 1.0, 2.5, 1.0])
+    lps[:3, 3] = [-5.0, 7.0, 30.0 + 2.5 * 2]
+    one_nifti = load_image(save_nifti(tmp_path / "one.nii.gz", vol[:, :, 2:3], np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps))
+    one_dicom = load_image(folder / "slice004.dcm")  # written last-first: file 4 of 6 is z index 2
+    assert one_nifti.is_2d and one_dicom.is_2d
+    for one in (one_nifti, one_dicom):
+        thin = preprocess_image(one, "CT", settings)
+        assert thin.image.shape == (1, 16, 16) and thin.slice_axis == 2
+        np.testing.assert_allclose(thin.image[0], whole.image[2], atol=1e-5)
+        np.testing.assert_allclose(thin.store_affine[:3, :2], whole.store_affine[:3, :2], atol=1e-4)
+        assert thin.z_positions_mm == pytest.approx([whole.z_positions_mm[2]], abs=1e-4)
+
+
 # --- index and splits -------------------------------------------------------------------------
 
 

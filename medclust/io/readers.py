@@ -303,8 +303,36 @@ def read_dicom_2d(
     affine = np.diag([spacing[1], spacing[0], 1.0, 1.0])
     array = squeeze_trailing(np.asarray(pixels).T, path)
     modality = modality_from_tag(getattr(ds, "Modality", None))
+    if modality in ("CT", "MR"):
+        # one slice of a volume: placed in the patient frame like a series' slices (a radiograph
+        # has no such frame), so preprocessing orients it as it orients the model's volumes
+        affine = _slice_affine(ds, spacing, affine)
     meta = {"photometric": photometric, "spacing_source": spacing_source}
     return ImageData(array=array, affine=affine, path=str(path), kind="dicom", modality=modality, meta=meta)
+
+
+def _slice_affine(ds: Any, spacing: tuple[float, float], fallback: np.ndarray) -> np.ndarray:
+    """RAS affine of a CT/MR slice from ``ImagePositionPatient``/``ImageOrientationPatient``, as
+    :meth:`medclust.io.dicom_series.SeriesLayout.affine_ras` builds a series' (slice thickness,
+    or 1 mm, along the normal); ``fallback`` when either is missing or unusable."""
+    try:
+        position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+        cosines = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        thickness = float(getattr(ds, "SliceThickness", None) or 1.0)
+    except (AttributeError, TypeError, ValueError):
+        return fallback
+    if position.size != 3 or cosines.size != 6 or not (np.isfinite(position).all() and np.isfinite(cosines).all()):
+        return fallback
+    row_dir, col_dir = cosines[:3], cosines[3:]
+    normal = np.cross(row_dir, col_dir)
+    if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3) or not thickness > 0:
+        return fallback
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * spacing[1]
+    lps[:3, 1] = col_dir * spacing[0]
+    lps[:3, 2] = normal * thickness
+    lps[:3, 3] = position
+    return LPS_TO_RAS @ lps
 
 
 def _label_pixels(img: Any, path: str | os.PathLike[str]) -> np.ndarray:

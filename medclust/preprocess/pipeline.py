@@ -25,12 +25,14 @@ Volumes (CT, MR):
 5. slices: ``np.moveaxis(volume_xyz, slice_axis, 0)``; ``store_affine`` is the affine of that
    output grid, so ``store_affine @ (x, y, z, 1)`` is the RAS world position of a stored voxel.
 
-2D images (radiographs, S = 1) are not reoriented (a radiograph has no RAS frame; MONAI's 2D
+2D radiographs (XR, S = 1) are not reoriented (a radiograph has no RAS frame; MONAI's 2D
 axis order, column then row, is kept). They are resampled to the isotropic spacing at which the
 whole image just fits ``size`` (keeping the aspect ratio: ``s = max(nx * sx / size[0],
 ny * sy / size[1])``) and centre-padded to ``size``; ``target_spacing`` records ``s``.
 Pixel spacing comes from the DICOM header (``PixelSpacing``/``ImagerPixelSpacing``) or the
-NIfTI affine, 1 mm for PNG/JPEG. ``slice_axis`` is 2 for them whatever the config says.
+NIfTI affine, 1 mm for PNG/JPEG. ``slice_axis`` is 2 for them whatever the config says. A
+one-slice CT or MR (a NIfTI X x Y x 1; a CT/MR DICOM file, which the reader places in the patient
+frame) is a volume with S = 1 here, oriented and resampled like the model's volumes.
 """
 
 from __future__ import annotations
@@ -288,7 +290,9 @@ def preprocess_image(
 
     modality = normalise_modality(modality) or "CT"
     volume, affine = _as_volume(image)
-    is_2d = image.is_2d
+    # a one-slice CT/MR (a NIfTI X x Y x 1, a CT slice file) is a thin volume, oriented like the
+    # model's volumes; only radiographs take the 2D path (no RAS frame, fit to size)
+    is_2d = image.is_2d and modality == "XR"
     if label is not None:
         lab_volume, lab_affine = _as_volume(label)
         if lab_volume.shape != volume.shape or not np.allclose(lab_affine, affine, atol=1e-3 * max(image.spacing)):
@@ -310,6 +314,9 @@ def preprocess_image(
 
     data, data_affine, reversed_axes = _c_order(volume, affine)
     factors = antialias_factors(data_affine, grid_affine) if settings.antialias else (1, 1, 1)
+    # an axis shorter than its block is one block: centred on its own voxels, not on the block's
+    # (a one-slice CT at 1 mm going to 2.5 mm would otherwise move half a voxel off its slice)
+    factors = tuple(min(k, n) for k, n in zip(factors, data.shape))
     with torch.inference_mode():
         reduced = block_mean(data, factors, image.meta.get("intensity_scale"))
         reduced_affine = block_affine(data_affine, factors)
