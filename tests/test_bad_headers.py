@@ -134,6 +134,19 @@ BAD: dict[str, tuple] = {
         lambda d: _nrrd(d / "nrrd_nan_spacing.nrrd", "encoding: raw\nspacings: 1 nan 2", RAW),
         "invalid geometry: spacing 1 nan 2 in the header (NaN = unknown voxel size)",
     ),
+    "nrrd_no_space": (
+        # ITK took a NRRD without a patient frame as LPS: a guess that mirrors it whenever wrong
+        lambda d: _nrrd(d / "nrrd_no_space.nrrd", "encoding: raw\nspacings: 1 1 2", RAW),
+        "invalid geometry: no 'space:' field, so its orientation in the patient is unknown; write the file with "
+        "`space: left-posterior-superior` (or right-/left-anterior-superior) if that is what its axes are",
+    ),
+    "nrrd_scanner_space": (
+        lambda d: _nrrd(d / "nrrd_scanner_space.nrrd", "encoding: raw\nspace: scanner-xyz\n"
+                        "space directions: (1,0,0) (0,1,0) (0,0,2)", RAW),  # fmt: skip
+        "invalid geometry: 'space: scanner-xyz' is not a patient frame, so its orientation in the patient is unknown; "
+        "write the file with `space: left-posterior-superior` (or right-/left-anterior-superior) if that is what its "
+        "axes are",
+    ),
     "nrrd_zero_spacing": (
         lambda d: _nrrd(d / "nrrd_zero_spacing.nrrd", "encoding: raw\nspacings: 1 0 2", RAW),
         "cannot read image: axis 1 spacing (0) invalid",
@@ -243,6 +256,15 @@ def test_a_multi_member_gzip_is_measured_by_streaming_not_rejected(tmp_path):
     path.write_bytes(gzip.compress(raw[:700]) + gzip.compress(raw[700:1000]))
     with pytest.raises(BadInputError, match=r"\(1,312 bytes with the header\) but the file holds 1,000 bytes after decompression"):
         load_image(path)
+
+
+@pytest.mark.parametrize("space,flip", [("left-posterior-superior", (-1, -1)), ("LAS", (-1, 1)), ("right-anterior-superior", (1, 1))])
+def test_nrrd_patient_spaces_are_read_in_their_frame(tmp_path, space, flip):
+    fields = f"encoding: raw\nspace: {space}\nspace directions: (1,0,0) (0,1,0) (0,0,2)\nspace origin: (10,20,30)"
+    image = load_image(_nrrd(tmp_path / "frame.nrrd", fields, RAW))
+    np.testing.assert_array_equal(image.array, VOLUME)
+    np.testing.assert_allclose(np.diag(image.affine)[:3], [flip[0], flip[1], 2.0])
+    np.testing.assert_allclose(image.affine[:3, 3], [10 * flip[0], 20 * flip[1], 30])
 
 
 def test_standalone_preprocess_of_a_zero_affine_is_one_line(tmp_path, capsys):

@@ -253,7 +253,8 @@ def check_itk_file(path: str | os.PathLike[str], max_voxels: int | None = None) 
 
     Raises:
         BadInputError: unreadable header, NaN or zero spacing, more than ``max_voxels`` voxels,
-            a missing data file, or fewer data bytes than the header claims.
+            a missing data file, fewer data bytes than the header claims, or a NRRD without a
+            patient ``space`` (RAS, LAS or LPS).
     """
     import SimpleITK as sitk
 
@@ -278,11 +279,13 @@ def check_itk_file(path: str | os.PathLike[str], max_voxels: int | None = None) 
         if any(v.lower() == "nan" for v in spacings):
             # NRRD's "nan" means "unknown"; ITK would silently make it 1 mm.
             raise BadInputError(path, f"invalid geometry: spacing {' '.join(spacings)} in the header (NaN = unknown voxel size)")
+        space = fields.get("space", "").strip().lower()
         encoding = fields.get("encoding", "raw").lower()
         data_file = fields.get("data file") or fields.get("datafile")
         compressed = encoding in ("gzip", "gz")
         plain = encoding == "raw"
     else:
+        space = "left-posterior-superior"  # MetaImage directions are LPS by definition
         fields, header_bytes = _meta_fields(text)
         data_file = fields.get("elementdatafile")
         data_file = None if data_file is None or data_file.upper() == "LOCAL" else data_file
@@ -290,7 +293,8 @@ def check_itk_file(path: str | os.PathLike[str], max_voxels: int | None = None) 
         plain = not compressed
     if data_file is not None:
         if " " in data_file.strip() or "%" in data_file:
-            return  # a list or pattern of slice files: ITK checks those
+            _check_patient_space(path, space)
+            return  # a list or pattern of slice files: ITK checks their sizes
         data = p.parent / data_file.strip()
         if not data.is_file():
             raise BadInputError(path, f"the data file {data.name} named in the header is missing")
@@ -309,6 +313,26 @@ def check_itk_file(path: str | os.PathLike[str], max_voxels: int | None = None) 
             f"truncated or corrupt file: the header claims {_shape_text(shape)} voxels ({needed:,} bytes), more than "
             f"{max(available, 0):,} bytes of compressed data can hold",
         )
+    _check_patient_space(path, space)
+
+
+def _check_patient_space(path: str | os.PathLike[str], space: str) -> None:
+    """A NRRD's ``space`` must be a patient frame: ITK reads any other (none, ``scanner-xyz``,
+    ``3D-right-handed``) as LPS, a guess that mirrors the volume whenever it is wrong."""
+    if space not in _PATIENT_SPACES:
+        named = f"'space: {space}' is not a patient frame" if space else "no 'space:' field"
+        raise BadInputError(
+            path,
+            f"invalid geometry: {named}, so its orientation in the patient is unknown; write the file with "
+            "`space: left-posterior-superior` (or right-/left-anterior-superior) if that is what its axes are",
+        )
+
+
+# NRRD's patient frames (with or without a time axis), full and abbreviated names
+_PATIENT_SPACES = {
+    f"{name}{suffix}" for name in ("right-anterior-superior", "left-anterior-superior", "left-posterior-superior")
+    for suffix in ("", "-time")
+} | {"ras", "las", "lps", "rast", "last", "lpst"}
 
 
 __all__ = ["check_itk_file", "check_nifti_file", "check_voxel_count", "gunzip_prefix", "gzip_holds"]
