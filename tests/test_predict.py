@@ -233,10 +233,14 @@ def test_bad_inputs_skip_or_fail_with_one_line(tmp_path, seg_run, new_scans, cap
     bad.write_bytes(b"\x1f\x8b not really gzip")
     missing = tmp_path / "missing.nrrd"
     out = tmp_path / "skip"
+    out.mkdir()
+    (out / "broken.nii.gz").write_bytes(b"an earlier run's label map of this case")  # stale: must not survive
+    (out / "oblique.seg.dcm").write_bytes(b"an earlier run's DICOM SEG")  # this run writes no SEG
     with caplog.at_level("WARNING", logger="medclust.predict"):
         summary = predict_inputs(seg_run["run"], [bad, new_scans["nifti"], missing], out, on_bad_input="skip", progress=False)
     skipped = [r for r in summary["inputs"] if r["status"] == "skipped"]
     assert [r["input"] for r in skipped] == [str(bad), str(missing)]
+    assert skipped[0]["removed_stale"] == ["broken.nii.gz"] and not (out / "oblique.seg.dcm").exists()
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(lines) == 2 and str(bad) in lines[0] and str(missing) in lines[1] and "file not found" in lines[1]
     assert all("\n" not in line for line in lines)

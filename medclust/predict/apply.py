@@ -247,6 +247,19 @@ def probability_column(name: str) -> str:
     return "prob_" + (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "class")
 
 
+def _remove_stale(out: Path, case_id: str, keep: Sequence[str], record: dict[str, Any]) -> None:
+    """Remove a case's label files that this run did not write (an earlier run's, into the same
+    ``out``): beside a predict.json that says "skipped", or a new NIfTI, they would pass for this
+    model's output. The names removed are recorded."""
+    removed = []
+    for name in (f"{case_id}.nii.gz", f"{case_id}.seg.dcm"):
+        if name not in keep and (out / name).exists():
+            (out / name).unlink()
+            removed.append(name)
+    if removed:
+        record["removed_stale"] = removed
+
+
 def predict_inputs(
     model: ModelPackage | str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
@@ -342,8 +355,10 @@ def predict_inputs(
                 raise
             log.warning("skipped %s", err)
             record.update({"status": "skipped", "reason": str(err)})
+            _remove_stale(out, entry.case_id, keep=(), record=record)
             records.append(record)
             continue
+        _remove_stale(out, entry.case_id, keep=record.get("outputs", ()), record=record)
         record.update({"status": "ok", "seconds": round(time.perf_counter() - t0, 2)})
         records.append(record)
     if kind == "detection":
