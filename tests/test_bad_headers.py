@@ -234,6 +234,23 @@ def test_skip_mode_records_each_and_preprocesses_the_rest(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["cases.json", "good.h5", "qc.tsv"]
 
 
+def test_ingest_publishes_its_qc_table_and_case_list_together(tmp_path, monkeypatch):
+    import medclust.preprocess.ingest as ingest
+
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = _manifest(data, [_good(data)])
+
+    def killed(*args, **kwargs):  # the job dies between the two outputs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_dataset(_settings(manifest, "fail"), tmp_path / "out" / "qc.tsv", tmp_path / "out" / "cases.json")
+    out = tmp_path / "out"
+    assert not out.exists() or not any(out.iterdir())  # neither output, and no temporary file
+
+
 def test_a_tiny_file_claiming_a_huge_volume_is_refused_before_allocating(tmp_path):
     """400^3 int16 claimed (128 MB) by a 60-byte file: refused with at most a few MB allocated."""
     path = write_raw_nifti(tmp_path / "claims.nii.gz", np.zeros((2, 2, 2), np.int16), shape=(400, 400, 400))

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from medclust.errors import BadInputError, MedclustError
-from medclust.io.atomic import write_json_atomic, write_text_atomic
+from medclust.io.atomic import publish_together, write_json_atomic, write_text_atomic
 from medclust.io.dicom_series import DicomGapError
 from medclust.io.image import format_number
 from medclust.io.readers import ImageData, load_image
@@ -258,8 +258,9 @@ def ingest_dataset(
     if not good:
         first = next(r.error for r in records if r.error is not None)
         raise BadInputError(source, f"no usable cases: all {len(records)} failed QC (first: {first})")
-    write_text_atomic(qc_path, _qc_table(records))
-    write_json_atomic(cases_path, {"dataset": name, "cases": [e.to_dict() for e in good]})
+    with publish_together():  # both or neither: a kill in between left a QC table without its cases
+        write_text_atomic(qc_path, _qc_table(records))
+        write_json_atomic(cases_path, {"dataset": name, "cases": [e.to_dict() for e in good]})
     log.info(
         "%s: %d cases ok, %d skipped in %.1f s -> %s",
         name, len(good), len(records) - len(good), time.perf_counter() - started, cases_path,
