@@ -115,6 +115,37 @@ def test_palette_png_ground_truth_is_scored_on_its_class_indices(tmp_path):
     np.testing.assert_array_equal(data, indices.T)
 
 
+def test_a_png_mask_of_a_dicom_radiograph_takes_the_radiographs_grid(tmp_path):
+    # A PNG has no geometry (1 mm assumed), so a mask exported beside a 0.2 mm radiograph was
+    # refused as "not on the image grid"; it is on that grid, which the PNG cannot say.
+    from PIL import Image
+
+    from medclust.evaluate.run_records import _load_label_map
+    from medclust.io.slice_store import read_case
+    from medclust.preprocess.ingest import check_case
+    from medclust.preprocess.pipeline import preprocess_case
+
+    dcm = write_radiograph_dicom(tmp_path / "cxr.dcm", radiograph_pixels(40, 30), imager_spacing=(0.2, 0.2))
+    mask = np.zeros((40, 30), np.uint8)
+    mask[10:20, 5:15] = 1
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    entry = CaseEntry("cxr", str(dcm), label=str(tmp_path / "mask.png"), modality="XR")
+    image, label = check_case(entry)
+    np.testing.assert_array_equal(label.affine, image.affine)
+    np.testing.assert_array_equal(label.array, mask.T)
+    assert label.meta["spacing_source"] == "its image's (ImagerPixelSpacing)"
+    store = read_case(preprocess_case(entry, {"spacing": [1.0, 1.0, 1.0], "size": [32, 32]}, tmp_path / "c.h5", "x"))
+    assert sorted(np.unique(store.label).tolist()) == [0, 1]
+    # scoring places the ground truth the same way (HD95 in the radiograph's mm)
+    _, affine, spacing = _load_label_map(tmp_path / "mask.png", "ground-truth label", dcm)
+    np.testing.assert_array_equal(affine, image.affine)
+    assert spacing[:2] == pytest.approx((0.2, 0.2))
+    # a mask of another size is still not on the image grid
+    Image.fromarray(mask[:, :20]).save(tmp_path / "small.png")
+    with pytest.raises(BadInputError, match="label shape"):
+        check_case(CaseEntry("cxr", str(dcm), label=str(tmp_path / "small.png"), modality="XR"))
+
+
 def test_a_colour_label_is_refused_and_a_grey_one_stored_as_rgb_is_not(tmp_path):
     from PIL import Image
 

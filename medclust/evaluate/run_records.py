@@ -78,18 +78,23 @@ def _resolve(run_dir: Path, path: str | None) -> Path | None:
     return inside if inside.exists() else candidate
 
 
-def _load_label_map(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+def _load_label_map(
+    path: Path, what: str, image_path: Path | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
     """A label map, its RAS affine and its voxel spacing, read as ingest reads it.
 
     Ground truth goes through :func:`medclust.io.readers.load_image`, the reader ingest and
     preprocessing use, so every label format they accept (NIfTI, NRRD, MHA/MHD, a DICOM series
     folder) is scored on the same array order and affine it was trained from; predictions and
-    ROIs (NIfTI written on that grid) go through it too.
+    ROIs (NIfTI written on that grid) go through it too. A PNG/TIFF mask of a 2D image is placed
+    on that image's grid (``image_path``), as ingest places it (:func:`~medclust.io.readers.place_label`).
     """
-    from medclust.io.readers import load_image
+    from medclust.io.readers import image_kind, load_image, place_label
 
     try:
         image = load_image(path, label=True)  # a palette PNG keeps its class indices
+        if image.kind == "image" and image_path is not None and image_path.exists() and image_kind(image_path) != "image":
+            image = place_label(image, load_image(image_path))
     except BadInputError as err:
         raise BadInputError(path, f"cannot read {what}: {err.reason}") from err
     data = np.asarray(image.array)
@@ -126,7 +131,7 @@ def _segmentation_rows(run_dir: Path, run: Mapping[str, Any], keys: Mapping[str,
         if not pred_path.exists():
             raise BadInputError(pred_path, f"prediction of test case {case_id} is missing")
         pred, pred_affine, _ = _load_label_map(pred_path, "prediction")
-        gt_raw, gt_affine, spacing = _load_label_map(gt_path, "ground-truth label")
+        gt_raw, gt_affine, spacing = _load_label_map(gt_path, "ground-truth label", _resolve(run_dir, case.get("image")))
         if pred.shape != gt_raw.shape or not np.allclose(pred_affine, gt_affine, atol=1e-3):
             raise BadInputError(
                 pred_path,

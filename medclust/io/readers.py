@@ -35,6 +35,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +406,21 @@ def read_image_2d(path: str | os.PathLike[str], max_voxels: int | None = None, *
     return ImageData(array=array, affine=affine, path=str(path), kind="image", meta={"spacing_source": "default 1 mm"})
 
 
+def place_label(label: ImageData, image: ImageData) -> ImageData:
+    """A 2D label map from a PNG/JPEG/TIFF/BMP, placed on the pixel grid of its image.
+
+    Such a file has no geometry of its own (1 mm per pixel is assumed), so a mask exported
+    beside a DICOM radiograph (0.14-0.2 mm pixels) would never be on the radiograph's grid. When
+    the image is 2D and the two pixel grids have the same shape, the mask takes the image's
+    affine (recorded in ``meta["spacing_source"]``); anything else is returned unchanged, for
+    the grid check to judge.
+    """
+    if label.kind != "image" or not (label.is_2d and image.is_2d) or label.shape != image.shape:
+        return label
+    meta = {**label.meta, "spacing_source": f"its image's ({image.meta.get('spacing_source', image.kind)})"}
+    return replace(label, affine=np.array(image.affine, dtype=np.float64), meta=meta)
+
+
 def load_image(
     path: str | os.PathLike[str],
     series_uid: str | None = None,
@@ -460,6 +476,7 @@ __all__ = [
     "image_kind",
     "is_dicom_file",
     "load_image",
+    "place_label",
     "read_dicom_2d",
     "read_dicom_series",
     "read_image_2d",

@@ -43,7 +43,7 @@ from medclust.errors import BadInputError, MedclustError
 from medclust.io.atomic import publish_together, write_json_atomic, write_text_atomic
 from medclust.io.dicom_series import DicomGapError
 from medclust.io.image import format_number
-from medclust.io.readers import ImageData, load_image
+from medclust.io.readers import ImageData, load_image, place_label
 from medclust.io.sources import CaseEntry, discover
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def check_case(entry: CaseEntry, max_voxels: int | None = None) -> tuple[ImageDa
         raise BadInputError(entry.image, "modality unknown: set `modality` for the dataset or a manifest column")
     label = None
     if entry.label:
-        label = load_image(entry.label, max_voxels=max_voxels, label=True)
+        label = place_label(load_image(entry.label, max_voxels=max_voxels, label=True), image)
         _check_label(label, image)
     return image, label
 

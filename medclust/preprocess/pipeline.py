@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from medclust.errors import BadInputError, MedclustError
-from medclust.io.readers import ImageData, load_image
+from medclust.io.readers import ImageData, load_image, place_label
 from medclust.io.slice_store import write_case
 from medclust.io.sources import CaseEntry, normalise_modality
 from medclust.preprocess.intensity import IntensityFingerprint, load_fingerprint
@@ -397,7 +397,7 @@ def preprocess_case(
         entry.image, entry.series_uid, resample_gaps=entry.resample_gaps, assume_spacing=entry.assume_spacing,
         unscaled=True,  # NIfTI slope/intercept applied per slab in float32 (preprocess_image)
     )
-    label = load_image(entry.label, label=True) if entry.label else None
+    label = place_label(load_image(entry.label, label=True), image) if entry.label else None
     loaded = time.perf_counter()
     modality = entry.modality or image.modality
     if modality is None:
