@@ -89,11 +89,11 @@ def _load_label_map(
     ROIs (NIfTI written on that grid) go through it too. A PNG/TIFF mask of a 2D image is placed
     on that image's grid (``image_path``), as ingest places it (:func:`~medclust.io.readers.place_label`).
     """
-    from medclust.io.readers import image_kind, load_image, place_label
+    from medclust.io.readers import load_image, place_label
 
     try:
         image = load_image(path, label=True)  # a palette PNG keeps its class indices
-        if image.kind == "image" and image_path is not None and image_path.exists() and image_kind(image_path) != "image":
+        if image.kind == "image" and image_path is not None and image_path.exists():
             image = place_label(image, load_image(image_path))
     except BadInputError as err:
         raise BadInputError(path, f"cannot read {what}: {err.reason}") from err

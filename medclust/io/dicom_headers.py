@@ -20,7 +20,7 @@ from medclust.errors import BadInputError
 from medclust.io.image import path_problem, read_failure
 
 __all__ = [
-    "DICOM_SUFFIXES", "FolderImages", "SliceHeader", "candidate_files", "folder_images", "is_dicom_file",
+    "DICOM_SUFFIXES", "FolderImages", "SliceHeader", "candidate_files", "folder_images", "header_number", "is_dicom_file",
     "modality_from_tag", "read_slice_header",
 ]
 
@@ -109,8 +109,15 @@ def _numbers(value: Any, count: int) -> np.ndarray | None:
     return numbers if numbers.size == count else np.full(count, np.nan)
 
 
-def _header_number(ds: Any, keyword: str, kind: type, name: str, folder: str | os.PathLike[str]) -> Any:
+def header_number(ds: Any, keyword: str, kind: type, path: str | os.PathLike[str], prefix: str = "") -> Any:
     """``kind(value)`` of one header element, None if it is absent or empty.
+
+    Args:
+        ds: the pydicom dataset.
+        keyword: the element (``SliceThickness``).
+        kind: ``int`` or ``float``.
+        path: the file (or series folder) an error names.
+        prefix: the error reason's start (``"slice file x.dcm: "`` for one file of a series).
 
     Raises:
         BadInputError: the value is not a number (``'7.2x'``): named here, with the file, because
@@ -124,7 +131,7 @@ def _header_number(ds: Any, keyword: str, kind: type, name: str, folder: str | o
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise BadInputError(folder, f"slice file {name}: {keyword} {str(value)!r} is not a number") from None
+        raise BadInputError(path, f"{prefix}{keyword} {str(value)!r} is not a number") from None
 
 
 def _read_dataset(path: Path, folder: str | os.PathLike[str]) -> Any:
@@ -167,7 +174,7 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
     if str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP or "Rows" not in ds:
         return None
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    frames = _header_number(ds, "NumberOfFrames", int, name, folder) or 1
+    frames = header_number(ds, "NumberOfFrames", int, folder, f"slice file {name}: ") or 1
     if _PIXEL_DATA not in ds:
         raise BadInputError(folder, f"slice file {name} has no pixel data (truncated?)")
     element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
@@ -187,9 +194,9 @@ def read_slice_header(path: Path, folder: str | os.PathLike[str]) -> SliceHeader
                     folder,
                     f"slice file {name} holds {length:,} bytes of pixel data, its {columns}x{rows} header needs {needed:,}",
                 )
-    thickness = _header_number(ds, "SliceThickness", float, name, folder)
-    slope = _header_number(ds, "RescaleSlope", float, name, folder)
-    intercept = _header_number(ds, "RescaleIntercept", float, name, folder)
+    thickness = header_number(ds, "SliceThickness", float, folder, f"slice file {name}: ")
+    slope = header_number(ds, "RescaleSlope", float, folder, f"slice file {name}: ")
+    intercept = header_number(ds, "RescaleIntercept", float, folder, f"slice file {name}: ")
     spacing = _numbers(ds.get("PixelSpacing"), 2)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     pixels = None

@@ -40,9 +40,9 @@ from medclust.errors import BadInputError
 from medclust.io.dicom_headers import SliceHeader, candidate_files, read_slice_header
 from medclust.io.header_checks import check_voxel_count
 from medclust.io.image import (
-    LPS_TO_RAS,
     ImageData,
     check_affine,
+    dicom_affine_ras,
     format_number,
     read_failure,
     sitk_array_view,
@@ -110,12 +110,7 @@ class SeriesLayout:
 
     def affine_ras(self) -> np.ndarray:
         """Voxel (column, row, slice) -> RAS mm of the regular grid."""
-        lps = np.eye(4)
-        lps[:3, 0] = self.row_dir * self.pixel_spacing[1]
-        lps[:3, 1] = self.col_dir * self.pixel_spacing[0]
-        lps[:3, 2] = self.normal * self.step_mm
-        lps[:3, 3] = self.origin_lps
-        return LPS_TO_RAS @ lps
+        return dicom_affine_ras(self.row_dir, self.col_dir, self.normal, self.pixel_spacing, self.step_mm, self.origin_lps)
 
 
 def _one_series(headers: list[SliceHeader], folder: str | os.PathLike[str], series_uid: str | None) -> list[SliceHeader]:

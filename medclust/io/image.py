@@ -81,6 +81,26 @@ class _ImageBuffer:
         self.__array_interface__ = sitk.GetArrayViewFromImage(image).__array_interface__
 
 
+def dicom_affine_ras(
+    row_dir: np.ndarray, col_dir: np.ndarray, normal: np.ndarray, pixel_spacing: Any, step_mm: float, origin_lps: np.ndarray
+) -> np.ndarray:
+    """Voxel (column, row, slice) -> RAS mm from DICOM's patient geometry (LPS).
+
+    Args:
+        row_dir, col_dir: ``ImageOrientationPatient``'s two direction cosines.
+        normal: the slice direction.
+        pixel_spacing: ``PixelSpacing`` (row spacing first, as DICOM writes it).
+        step_mm: distance between slices along ``normal``.
+        origin_lps: ``ImagePositionPatient`` of the first slice.
+    """
+    lps = np.eye(4)
+    lps[:3, 0] = np.asarray(row_dir, dtype=np.float64) * float(pixel_spacing[1])
+    lps[:3, 1] = np.asarray(col_dir, dtype=np.float64) * float(pixel_spacing[0])
+    lps[:3, 2] = np.asarray(normal, dtype=np.float64) * float(step_mm)
+    lps[:3, 3] = origin_lps
+    return LPS_TO_RAS @ lps
+
+
 def sitk_array_view(image: Any) -> np.ndarray:
     """The voxels of a SimpleITK image as an (x, y[, z]) numpy view (no copy) that keeps it alive."""
     return np.asarray(_ImageBuffer(image)).T
@@ -224,6 +244,7 @@ __all__ = [
     "MIN_VOXEL_SIZE_MM",
     "ImageData",
     "check_affine",
+    "dicom_affine_ras",
     "format_number",
     "missing_input",
     "path_problem",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -42,13 +41,14 @@ from typing import Any
 import numpy as np
 
 from medclust.errors import BadInputError
-from medclust.io.dicom_headers import DICOM_SUFFIXES, is_dicom_file, modality_from_tag
+from medclust.io.dicom_headers import DICOM_SUFFIXES, header_number, is_dicom_file, modality_from_tag
 from medclust.io.dicom_series import read_dicom_series
 from medclust.io.header_checks import check_itk_file, check_nifti_file, check_voxel_count
 from medclust.io.image import (
     LPS_TO_RAS,
     ImageData,
     check_affine,
+    dicom_affine_ras,
     format_number,
     path_problem,
     read_failure,
@@ -237,19 +237,10 @@ def read_dicom_2d(
         raise read_failure(path, err) from err
     if "PixelData" not in ds:
         raise BadInputError(path, "DICOM file without pixel data (not an image)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns on a malformed value: reported below instead
-        declared = {key: ds.get(key) for key in ("NumberOfFrames", "RescaleSlope", "RescaleIntercept")}
-    for key, value in declared.items():
-        if value is None or value == "":
-            continue
-        convert = int if key == "NumberOfFrames" else float
-        try:
-            # checked here: int() and apply_modality_lut fail on '3x' with a traceback naming no file
-            convert(value)
-        except (TypeError, ValueError):
-            raise BadInputError(path, f"{key} {str(value)!r} is not a number") from None
-    frames = int(declared["NumberOfFrames"] or 1)
+    # checked here: int() and apply_modality_lut fail on '3x' with a traceback naming no file
+    frames = header_number(ds, "NumberOfFrames", int, path) or 1
+    header_number(ds, "RescaleSlope", float, path)
+    header_number(ds, "RescaleIntercept", float, path)
     if frames > 1:
         raise BadInputError(path, f"multi-frame DICOM ({frames} frames) is not supported; convert it to NIfTI")
     check_voxel_count(path, (int(getattr(ds, "Columns", 0) or 0), int(getattr(ds, "Rows", 0) or 0)), max_voxels)
@@ -313,9 +304,9 @@ def read_dicom_2d(
 
 
 def _slice_affine(ds: Any, spacing: tuple[float, float], fallback: np.ndarray) -> np.ndarray:
-    """RAS affine of a CT/MR slice from ``ImagePositionPatient``/``ImageOrientationPatient``, as
-    :meth:`medclust.io.dicom_series.SeriesLayout.affine_ras` builds a series' (slice thickness,
-    or 1 mm, along the normal); ``fallback`` when either is missing or unusable."""
+    """RAS affine of a CT/MR slice from ``ImagePositionPatient``/``ImageOrientationPatient``, built
+    as a series' (:func:`~medclust.io.image.dicom_affine_ras`; slice thickness, or 1 mm, along the
+    normal); ``fallback`` when either is missing or unusable."""
     try:
         position = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
         cosines = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
@@ -328,12 +319,7 @@ def _slice_affine(ds: Any, spacing: tuple[float, float], fallback: np.ndarray) -
     normal = np.cross(row_dir, col_dir)
     if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3) or not thickness > 0:
         return fallback
-    lps = np.eye(4)
-    lps[:3, 0] = row_dir * spacing[1]
-    lps[:3, 1] = col_dir * spacing[0]
-    lps[:3, 2] = normal * thickness
-    lps[:3, 3] = position
-    return LPS_TO_RAS @ lps
+    return dicom_affine_ras(row_dir, col_dir, normal, spacing, thickness, position)
 
 
 def _label_pixels(img: Any, path: str | os.PathLike[str]) -> np.ndarray:
